@@ -1,0 +1,52 @@
+# The README's commands. Each target sets up .venv first when it is missing or stale.
+#   make demo     generate a small synthetic log and print its statistics
+#   make test     lint + the default test suite (slow tests excluded)
+#   DEVICE=cuda make ...   installs the CUDA builds (torch from PyPI, fbgemm-gpu) instead
+SHELL := /bin/bash
+PYTHON ?= python3
+DEVICE ?= cpu
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(DEVICE)
+
+ifeq ($(DEVICE),cuda)
+# The CPU wheel of torch 2.13.0 lies in a local find-links folder on these machines; the
+# CUDA build must come from the registry, so local wheels are switched off for this step.
+TORCH_STEP := PIP_FIND_LINKS= $(PIP) install torch==2.13.0 fbgemm-gpu==1.8.0
+else
+TORCH_STEP := $(PIP) install torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+endif
+
+.PHONY: venv demo test test-slow lint bench-ingest clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(TORCH_STEP) -q
+	# torchrec without its declared deps: they would replace the fbgemm build above.
+	$(PIP) install -q --no-deps torchrec==1.8.0
+	$(PIP) install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/recsys gen-data conf/criteo_synth.yaml --rows 200000 --out out/demo/criteo
+	$(VENV)/bin/recsys stats conf/criteo_synth.yaml --data out/demo/criteo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check recsys tables models pipelines tests bench
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow
+
+bench-ingest: $(STAMP)
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) out runs .pytest_cache .ruff_cache *.egg-info

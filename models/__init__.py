@@ -1,0 +1,1 @@
+"""Dense architectures (CTR and long-sequence models); blind to the table variant."""

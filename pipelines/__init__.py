@@ -1,0 +1,1 @@
+"""Ray jobs: reading logs, training, evaluation, export, search."""

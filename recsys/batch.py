@@ -1,0 +1,153 @@
+"""Arrow -> `Batch`: the engine's unit of training input, built in bulk from Arrow buffers.
+
+Every column becomes a tensor through numpy views of its Arrow buffers; list columns are
+read through their offsets, never row by row. The only copy is the one that lays the
+feature's IDs out key-major for torchrec's `KeyedJaggedTensor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from recsys.config import FeaturesConfig
+
+
+@dataclass
+class Batch:
+    """One batch of impressions.
+
+    dense: [B, D] float32; sparse: raw int64 IDs, one key per sparse feature; labels: [B]
+    float32; timestamps: [B] int64 event times; group: [B] int64 user IDs (GAUC) or None;
+    sequences: history IDs, one key per sequence feature, or None; sequence_timestamps:
+    event times aligned with the histories, or None.
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    timestamps: torch.Tensor
+    group: torch.Tensor | None = None
+    sequences: KeyedJaggedTensor | None = None
+    sequence_timestamps: JaggedTensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Copy to a device (the torchrec `Pipelineable` protocol)."""
+        moved = {
+            f.name: None
+            if (v := getattr(self, f.name)) is None
+            else v.to(device=device, non_blocking=non_blocking)
+            for f in fields(self)
+        }
+        return replace(self, **moved)
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                value.record_stream(stream)
+
+    def pin_memory(self) -> Batch:
+        pinned = {
+            f.name: None if (v := getattr(self, f.name)) is None else v.pin_memory()
+            for f in fields(self)
+        }
+        return replace(self, **pinned)
+
+
+def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _ids_and_lengths(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 IDs, per-row counts) of an int64 or list<int64> column; nulls count 0."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        if column.null_count:
+            values = pc.list_flatten(column)
+            lengths = pc.fill_null(pc.list_value_length(column), 0)
+            return values.to_numpy(), lengths.to_numpy()
+        offsets = column.offsets.to_numpy()
+        start, stop = int(offsets[0]), int(offsets[-1])
+        return column.values.slice(start, stop - start).to_numpy(), np.diff(offsets)
+    if column.null_count:
+        valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
+        return pc.drop_null(column).to_numpy(), valid.astype(np.int32)
+    return column.to_numpy(), np.ones(len(column), dtype=np.int32)
+
+
+def jagged_from_columns(columns: list[pa.Array], keys: list[str], stride: int) -> KeyedJaggedTensor:
+    """Lay several ID columns out key-major, as `KeyedJaggedTensor` expects, with one copy."""
+    parts = [_ids_and_lengths(c) for c in columns]
+    total = sum(len(v) for v, _ in parts)
+    values = np.empty(total, dtype=np.int64)
+    pos = 0
+    for v, _ in parts:
+        values[pos : pos + len(v)] = v
+        pos += len(v)
+    lengths = np.concatenate([lens.astype(np.int32, copy=False) for _, lens in parts])
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(values),
+        lengths=torch.from_numpy(lengths),
+        stride=stride,
+    )
+
+
+def _numeric(column: pa.Array, dtype: np.dtype, fill: float | None = None) -> np.ndarray:
+    if column.null_count and fill is not None:
+        column = pc.fill_null(column, fill)
+    return column.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+class BatchConverter:
+    """Turns Arrow tables/record batches of a validated log into `Batch`es."""
+
+    def __init__(self, features: FeaturesConfig) -> None:
+        self.features = features
+        self.sparse_keys = [f.name for f in features.sparse]
+        self.sequence_keys = [s.name for s in features.sequences]
+
+    def __call__(self, data: pa.Table | pa.RecordBatch) -> Batch:
+        f = self.features
+        rows = data.num_rows
+
+        def col(name: str) -> pa.Array:
+            return _array(data.column(name))
+
+        dense = np.empty((rows, len(f.dense)), dtype=np.float32)
+        for j, feature in enumerate(f.dense):
+            dense[:, j] = _numeric(col(feature.name), np.float32, feature.fill_null)
+        sparse = jagged_from_columns([col(k) for k in self.sparse_keys], self.sparse_keys, rows)
+        sequences = None
+        if self.sequence_keys:
+            sequences = jagged_from_columns(
+                [col(k) for k in self.sequence_keys], self.sequence_keys, rows
+            )
+        seq_times = None
+        if f.sequence_timestamps:
+            values, lengths = _ids_and_lengths(col(f.sequence_timestamps))
+            seq_times = JaggedTensor(
+                values=torch.from_numpy(np.array(values, dtype=np.int64)),
+                lengths=torch.from_numpy(lengths.astype(np.int32)),
+            )
+        group = None
+        if f.user_id:
+            group = torch.from_numpy(np.array(col(f.user_id).to_numpy(), dtype=np.int64))
+        return Batch(
+            dense=torch.from_numpy(dense),
+            sparse=sparse,
+            labels=torch.from_numpy(_numeric(col(f.label), np.float32)),
+            timestamps=torch.from_numpy(np.array(col(f.timestamp).to_numpy(), dtype=np.int64)),
+            group=group,
+            sequences=sequences,
+            sequence_timestamps=seq_times,
+        )

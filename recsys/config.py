@@ -1,0 +1,388 @@
+"""Typed experiment configuration: the one place where every default lives.
+
+Pydantic (v2) rather than OmegaConf structured configs: pydantic already ships with Ray, it
+validates types strictly, `extra="forbid"` rejects unknown keys, cross-field rules are plain
+methods, and every error carries the dotted location of the offending key, which
+`load_config` prefixes with the file name so a user sees `conf/x.yaml: tables[0].dim: ...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key that caused it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Named(_Strict):
+    """A YAML list of these may hold bare names (`- C1`) as shorthand for `{name: C1}`."""
+
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+# --------------------------------------------------------------------------- features
+
+
+class DenseFeature(_Named):
+    # Value for a null cell; None makes a null bad input (error or skip, per data.on_bad_rows).
+    fill_null: float | None = None
+
+
+class SparseFeature(_Named):
+    """A categorical feature of raw 64-bit IDs: `int64` (single) or `list<int64>` (multi)."""
+
+    multi_valued: bool = False
+    # Raw IDs are often hashes that use the whole int64 range; by default negatives are rejected.
+    allow_negative: bool = False
+    # A null cell (or null list) becomes "no IDs for this row" (length 0 in the jagged tensor).
+    allow_null: bool = False
+
+
+class SequenceFeature(_Strict):
+    """A behaviour history column (`list<int64>`), looked up in the table of its `target`."""
+
+    name: str
+    target: str  # the sparse feature of the candidate item it is compared with
+    allow_null: bool = False
+
+
+class FeaturesConfig(_Strict):
+    label: str = "label"
+    user_id: str | None = "user_id"
+    timestamp: str = "timestamp"
+    dense: list[DenseFeature] = Field(default_factory=list)
+    sparse: list[SparseFeature] = Field(default_factory=list)
+    sequences: list[SequenceFeature] = Field(default_factory=list)
+    # Optional list<int64> of event times aligned with the sequence columns.
+    sequence_timestamps: str | None = None
+
+    @model_validator(mode="after")
+    def _unique_columns(self) -> FeaturesConfig:
+        names = self.column_names()
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise ValueError(f"column {name!r} is declared twice")
+            seen.add(name)
+        sparse = {f.name for f in self.sparse}
+        for seq in self.sequences:
+            if seq.target not in sparse:
+                raise ValueError(
+                    f"sequence {seq.name!r}: target {seq.target!r} is not a sparse feature"
+                )
+        return self
+
+    def column_names(self) -> list[str]:
+        cols = [self.label, self.timestamp]
+        if self.user_id:
+            cols.append(self.user_id)
+        cols += [f.name for f in self.dense] + [f.name for f in self.sparse]
+        cols += [s.name for s in self.sequences]
+        if self.sequence_timestamps:
+            cols.append(self.sequence_timestamps)
+        return cols
+
+
+# --------------------------------------------------------------------------- tables
+
+Sharding = Literal[
+    "auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"
+]
+
+
+class TableConfig(_Strict):
+    """A group of features with the same table settings.
+
+    `shared: false` (default) gives each feature its own table, named after the feature;
+    `shared: true` makes the features read one table called `name`.
+    """
+
+    name: str | None = None
+    features: list[str]
+    shared: bool = False
+    variant: Literal["full", "hash"] = "full"
+    # full: optional cap on vocabulary rows; hash: required number of buckets.
+    num_embeddings: PositiveInt | None = None
+    embedding_dim: PositiveInt = 64
+    # full: IDs seen fewer times than this in the training logs go to the OOV row.
+    min_count: PositiveInt = 1
+    pooling: Literal["sum", "mean"] = "sum"
+    sharding: Sharding = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TableConfig:
+        if not self.features:
+            raise ValueError("a table needs at least one feature")
+        if self.shared and not self.name:
+            raise ValueError("shared: true needs a table name")
+        if not self.shared and self.name and len(self.features) > 1:
+            raise ValueError(
+                "name is only for shared tables or single-feature tables; "
+                "unshared tables are named after their features"
+            )
+        if self.variant == "hash" and self.num_embeddings is None:
+            raise ValueError("variant 'hash' needs num_embeddings (the number of buckets)")
+        return self
+
+    def table_names(self) -> dict[str, str]:
+        """Feature name -> table name for the features of this group."""
+        if self.shared:
+            return {f: self.name for f in self.features}  # type: ignore[misc]
+        if self.name:
+            return {self.features[0]: self.name}
+        return {f: f for f in self.features}
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(_Strict):
+    name: Literal["dlrm", "deepfm", "dcnv2"] = "dlrm"
+    dense_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256, 64])
+    over_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256])
+    cross_layers: PositiveInt = 3  # DCN-v2
+    cross_low_rank: PositiveInt | None = None  # DCN-v2 low-rank (mixture-free) cross
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+# --------------------------------------------------------------------------- data, train
+
+
+class CtrSyntheticConfig(_Strict):
+    """Criteo-like click logs with a planted click model (see recsys.synth)."""
+
+    family: Literal["ctr"] = "ctr"
+    seed: int = 0
+    days: PositiveInt = 7
+    # Sparse vocabularies are spread log-uniformly between these sizes across features...
+    vocab_min: PositiveInt = 10
+    vocab_max: PositiveInt = 100_000_000
+    # ...unless named here explicitly.
+    vocab: dict[str, PositiveInt] = Field(default_factory=dict)
+    zipf_exponent: Annotated[float, Field(gt=1.0)] = 1.1
+    # Share of each feature's active vocabulary replaced by new IDs per day.
+    daily_drift: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    latent_dim: PositiveInt = 8
+    noise: Annotated[float, Field(ge=0.0)] = 0.5
+    base_ctr: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    max_bag: PositiveInt = 5  # multi-valued features draw 1..max_bag IDs
+
+
+class SequenceSyntheticConfig(_Strict):
+    """Taobao-like behaviour logs with decoupled attention/representation factors."""
+
+    family: Literal["sequence"] = "sequence"
+    seed: int = 0
+    days: PositiveInt = 7
+    num_users: PositiveInt = 10_000
+    num_items: PositiveInt = 1_000_000
+    num_categories: PositiveInt = 1_000
+    min_history: PositiveInt = 50
+    max_history: PositiveInt = 5_000
+    latent_dim: PositiveInt = 8
+    noise: Annotated[float, Field(ge=0.0)] = 0.5
+    item_feature: str = "item_id"
+    category_feature: str = "category_id"
+
+
+class DataConfig(_Strict):
+    train: str | None = None  # Parquet file or directory (searched recursively)
+    eval: str | None = None  # held-out log for `recsys evaluate`
+    valid_days: Annotated[int, Field(ge=0)] = 1  # newest days of `train` held out for validation
+    # error: the first bad row stops the run with its file, column and row;
+    # skip: bad rows are dropped and counted per file and per reason.
+    on_bad_rows: Literal["error", "skip"] = "error"
+    synthetic: CtrSyntheticConfig | SequenceSyntheticConfig | None = Field(
+        default=None, discriminator="family"
+    )
+
+
+class TrainConfig(_Strict):
+    workers: PositiveInt = 1
+    batch_size: PositiveInt = 4096
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    sparse_optimizer: Literal["rowwise_adagrad", "adam", "sgd"] = "rowwise_adagrad"
+    sparse_lr: Annotated[float, Field(gt=0.0)] = 0.05
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    seed: int = 0
+    log_every: PositiveInt = 50
+    checkpoint_every: PositiveInt | None = None
+    run_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvalConfig(_Strict):
+    report_dir: str | None = None  # default: <run>/eval
+    # GAUC groups rows by features.user_id; rows of users with one class only are skipped.
+    gauc: bool = True
+
+
+class ExportConfig(_Strict):
+    out: str | None = None
+    dtype: Literal["float32", "float16", "int8"] = "float32"
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeaturesConfig
+    tables: list[TableConfig] = Field(default_factory=list)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> ExperimentConfig:
+        sparse = {f.name for f in self.features.sparse}
+        owner: dict[str, int] = {}
+        table_names: dict[str, int] = {}
+        for i, table in enumerate(self.tables):
+            for feature in table.features:
+                if feature not in sparse:
+                    raise ValueError(f"tables[{i}]: {feature!r} is not a sparse feature")
+                if feature in owner:
+                    raise ValueError(
+                        f"tables[{i}]: feature {feature!r} is already in tables[{owner[feature]}]"
+                    )
+                owner[feature] = i
+            for name in set(table.table_names().values()):
+                if name in table_names and table_names[name] != i:
+                    raise ValueError(
+                        f"tables[{i}]: table name {name!r} is already used by "
+                        f"tables[{table_names[name]}]"
+                    )
+                table_names[name] = i
+        if self.tables:
+            missing = sorted(sparse - owner.keys())
+            if missing:
+                raise ValueError(f"sparse features without a table: {missing}")
+        if self.model.name == "dlrm" and self.tables:
+            dims = {t.embedding_dim for t in self.tables}
+            if len(dims) > 1:
+                raise ValueError(f"model 'dlrm' needs one embedding_dim for all tables, got {dims}")
+            if self.model.dense_arch[-1] not in dims and self.features.dense:
+                raise ValueError(
+                    f"model 'dlrm': dense_arch must end at the embedding_dim {dims.pop()} "
+                    f"(got {self.model.dense_arch[-1]}) for the dot interaction"
+                )
+        synth = self.data.synthetic
+        if isinstance(synth, SequenceSyntheticConfig):
+            for key in ("item_feature", "category_feature"):
+                if getattr(synth, key) not in sparse:
+                    raise ValueError(
+                        f"data.synthetic.{key}: {getattr(synth, key)!r} is not a sparse feature"
+                    )
+            if synth.min_history > synth.max_history:
+                raise ValueError("data.synthetic: min_history is larger than max_history")
+        if isinstance(synth, CtrSyntheticConfig):
+            if synth.vocab_min > synth.vocab_max:
+                raise ValueError("data.synthetic: vocab_min is larger than vocab_max")
+            unknown = sorted(synth.vocab.keys() - sparse)
+            if unknown:
+                raise ValueError(f"data.synthetic.vocab: unknown sparse features {unknown}")
+        return self
+
+    def feature_tables(self) -> dict[str, str]:
+        """Every sparse and sequence feature -> the name of the table it reads."""
+        mapping: dict[str, str] = {}
+        for table in self.tables:
+            mapping.update(table.table_names())
+        for seq in self.features.sequences:
+            if seq.target in mapping:
+                mapping[seq.name] = mapping[seq.target]
+        return mapping
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.batch_size=1024` -> (["train", "batch_size"], 1024); values parse as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _apply_override(doc: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    node: Any = doc
+    for depth, part in enumerate(path[:-1]):
+        where = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {text!r}: {where} is not an index of the list")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {text!r}: {where} is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {text!r}: {last} is not an index of the list")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {text!r}: {'.'.join(path[:-1])} is not a section")
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            if isinstance(part, int):
+                loc += f"[{part}]"
+            elif part in ("CtrSyntheticConfig", "SequenceSyntheticConfig", "ctr", "sequence"):
+                continue
+            else:
+                loc += f".{part}" if loc else str(part)
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(doc: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(doc)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment, apply `key=value` overrides, validate everything."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(doc, keys, value, text)
+    source = str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+    return config_from_dict(doc, source)

@@ -1,0 +1,1 @@
+"""Embedding storage and its variants; sharding plans and sharders."""
