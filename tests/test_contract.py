@@ -37,7 +37,7 @@ def _read_all(path: Path, on_bad_rows: str = "error") -> tuple[int, BadRowCounts
 
 
 def test_clean_log_passes_whole(tmp_path: Path) -> None:
-    path = _write(small_table(300, seed=0), tmp_path / "day=1" / "part-0.parquet")
+    _write(small_table(300, seed=0), tmp_path / "day=1" / "part-0.parquet")
     rows, skipped = _read_all(tmp_path)
     assert rows == 300 and skipped.total == 0
 
@@ -169,7 +169,7 @@ def test_missing_column_and_wrong_type_are_named(tmp_path: Path) -> None:
 def test_finding_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         parquet_files(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no .parquet files"):
+    with pytest.raises(FileNotFoundError, match=r"no \.parquet files"):
         parquet_files(tmp_path)
     for day in ("day=2026-01-02", "day=2026-01-01"):
         _write(small_table(5, seed=0), tmp_path / day / "part-00000.parquet")
