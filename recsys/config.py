@@ -182,6 +182,7 @@ class CtrSyntheticConfig(_Strict):
     noise: Annotated[float, Field(ge=0.0)] = 0.5
     base_ctr: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
     max_bag: PositiveInt = 5  # multi-valued features draw 1..max_bag IDs
+    num_users: PositiveInt = 100_000  # user population (Zipf-ish activity) behind user_id
 
 
 class SequenceSyntheticConfig(_Strict):
