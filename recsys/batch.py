@@ -65,11 +65,15 @@ class Batch:
 
 
 def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
 
 
-def _ids_and_lengths(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 IDs, per-row counts) of an int64 or list<int64> column; nulls count 0."""
+def _ids_and_lengths(column: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+    """(flat int64 IDs, per-row counts) of an int64 or list<int64> column; nulls count 0.
+
+    Counts are None for a single-valued column without nulls (one ID per row)."""
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         if column.null_count:
             values = pc.list_flatten(column)
@@ -81,7 +85,7 @@ def _ids_and_lengths(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if column.null_count:
         valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
         return pc.drop_null(column).to_numpy(), valid.astype(np.int32)
-    return column.to_numpy(), np.ones(len(column), dtype=np.int32)
+    return column.to_numpy(), None
 
 
 def jagged_from_columns(columns: list[pa.Array], keys: list[str], stride: int) -> KeyedJaggedTensor:
@@ -93,7 +97,10 @@ def jagged_from_columns(columns: list[pa.Array], keys: list[str], stride: int) -
     for v, _ in parts:
         values[pos : pos + len(v)] = v
         pos += len(v)
-    lengths = np.concatenate([lens.astype(np.int32, copy=False) for _, lens in parts])
+    lengths = np.ones(stride * len(parts), dtype=np.int32)
+    for i, (_, lens) in enumerate(parts):
+        if lens is not None:
+            lengths[i * stride : (i + 1) * stride] = lens
     return KeyedJaggedTensor(
         keys=keys,
         values=torch.from_numpy(values),
@@ -134,11 +141,9 @@ class BatchConverter:
             )
         seq_times = None
         if f.sequence_timestamps:
-            values, lengths = _ids_and_lengths(col(f.sequence_timestamps))
-            seq_times = JaggedTensor(
-                values=torch.from_numpy(np.array(values, dtype=np.int64)),
-                lengths=torch.from_numpy(lengths.astype(np.int32)),
-            )
+            seq_times = jagged_from_columns(
+                [col(f.sequence_timestamps)], [f.sequence_timestamps], rows
+            )[f.sequence_timestamps]
         group = None
         if f.user_id:
             group = torch.from_numpy(np.array(col(f.user_id).to_numpy(), dtype=np.int64))

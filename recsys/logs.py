@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config import FeaturesConfig
@@ -46,11 +45,14 @@ def read_validated(
         parquet = pq.ParquetFile(file)
         check_schema(parquet.schema_arrow, features, str(file))
         offset = 0
-        for record_batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
-            table = pa.Table.from_batches([record_batch])
-            clean, counts = validate_table(table, features, str(file), offset, on_bad_rows)
-            offset += table.num_rows
-            if skipped is not None:
-                skipped.merge(counts)
-            if clean.num_rows:
-                yield clean
+        for group in range(parquet.num_row_groups):
+            # Whole row groups decode faster than `iter_batches`; slices are zero-copy.
+            rows = parquet.read_row_group(group, columns=columns)
+            for start in range(0, rows.num_rows, batch_size):
+                table = rows.slice(start, batch_size)
+                clean, counts = validate_table(table, features, str(file), offset, on_bad_rows)
+                offset += table.num_rows
+                if skipped is not None:
+                    skipped.merge(counts)
+                if clean.num_rows:
+                    yield clean

@@ -341,7 +341,7 @@ def _write_chunks(
                 files.append(f"day={_day_name(day)}/part-00000.parquet")
                 (out / files[-1]).parent.mkdir(parents=True, exist_ok=True)
                 writer = pq.ParquetWriter(
-                    out / files[-1], schema, compression="zstd", use_dictionary=dictionary
+                    out / files[-1], schema, compression="lz4", use_dictionary=dictionary
                 )
             writer.write_table(chunk.table, row_group_size=chunk.table.num_rows)
             state.record(chunk)
