@@ -83,8 +83,12 @@ def fast_batches(path: Path, cfg: ExperimentConfig) -> tuple[int, float, int]:
         batch = convert(table)
         rows += batch.batch_size
         tensor_bytes += (
-            batch.dense.nbytes + batch.sparse.values().nbytes + batch.sparse.lengths().nbytes
-            + batch.labels.nbytes + batch.timestamps.nbytes + batch.group.nbytes
+            batch.dense.nbytes
+            + batch.sparse.values().nbytes
+            + batch.sparse.lengths().nbytes
+            + batch.labels.nbytes
+            + batch.timestamps.nbytes
+            + batch.group.nbytes
         )
     return rows, time.perf_counter() - start, tensor_bytes
 
@@ -136,11 +140,16 @@ def main() -> None:
     ratio = fast_rate / naive_rate
     parquet_mb_s = file_bytes / fast_s / 1e6
     print(f"log: {fast_rows:,} rows, {len(files)} files, {file_bytes / 1e6:.1f} MB Parquet")
-    print(f"vectorized: {fast_rate:,.0f} rows/s, {parquet_mb_s:.1f} MB/s of Parquet, "
-          f"{tensor_bytes / fast_s / 1e6:.1f} MB/s of tensors "
-          f"({tensor_bytes / fast_rows:.0f} bytes per row in a Batch)")
+    print(
+        f"vectorized: {fast_rate:,.0f} rows/s, {parquet_mb_s:.1f} MB/s of Parquet, "
+        f"{tensor_bytes / fast_s / 1e6:.1f} MB/s of tensors "
+        f"({tensor_bytes / fast_rows:.0f} bytes per row in a Batch)"
+    )
     print(f"naive per-row Python: {naive_rate:,.0f} rows/s on {naive_rows:,} rows")
-    print(f"peak RSS {rss_peak / 1024:.0f} MiB (before the vectorized pass {rss_before / 1024:.0f} MiB)")
+    print(
+        f"peak RSS {rss_peak / 1024:.0f} MiB "
+        f"(before the vectorized pass {rss_before / 1024:.0f} MiB)"
+    )
     met = ratio >= 30 and fast_rate >= 1_000_000
     print(
         f"RESULT ingest ratio={ratio:.1f} goal=30 met={'yes' if met else 'no'} "

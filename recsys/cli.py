@@ -41,6 +41,62 @@ def _cmd_stats(args: argparse.Namespace) -> None:
     print(json.dumps(log_statistics(cfg, data), indent=2))
 
 
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from recsys.contract import BadRowCounts
+    from recsys.logs import read_validated
+
+    cfg = load_config(args.config, args.overrides)
+    data = args.data or cfg.data.train
+    if data is None:
+        raise ConfigError(f"{args.config}: no data given (--data or data.train)")
+    skipped = BadRowCounts()
+    rows = sum(
+        t.num_rows
+        for t in read_validated(data, cfg.features, 262_144, cfg.data.on_bad_rows, skipped)
+    )
+    print(json.dumps({"data": str(data), "valid_rows": rows, "skipped": skipped.as_dict()}))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    import importlib
+
+    cfg = load_config(args.config, args.overrides)
+    train = importlib.import_module("pipelines.train").train
+    print(json.dumps(train(cfg, address=args.address), indent=2, default=str))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    import importlib
+
+    evaluate = importlib.import_module("pipelines.evaluate").evaluate
+    report = evaluate(args.checkpoint, args.data, workers=args.workers, report_dir=args.out)
+    print(json.dumps(report, indent=2, default=float))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    import importlib
+
+    export = importlib.import_module("pipelines.export").export
+    print(json.dumps(export(args.checkpoint, args.out, dtype=args.dtype), indent=2))
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
+
+    from recsys.metrics import evaluate_predictions
+    from recsys.serving import ServingModel
+
+    scored = ServingModel(args.export).predict(args.data)
+    probs = scored.column("prob").to_numpy()
+    summary: dict = {"rows": len(probs), "mean_prediction": float(probs.mean())}
+    if args.out:
+        pq.write_table(scored, args.out)
+        summary["out"] = args.out
+    if args.with_metrics:
+        summary.update(evaluate_predictions(scored.column("label").to_numpy(), probs))
+    print(json.dumps(summary, indent=2, default=float))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +133,39 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--data", help="Parquet file or directory (default: data.train)")
     p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("validate", help="check a Parquet log against the config's contract")
+    with_config(p)
+    p.add_argument("--data", help="Parquet file or directory (default: data.train)")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("train", help="train an experiment on Ray (embedded local Ray by default)")
+    with_config(p)
+    p.add_argument(
+        "--address",
+        help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)",
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="AUC, GAUC, logloss, NE, calibration of a trained run")
+    p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")
+    p.add_argument("--data", required=True, help="held-out Parquet log")
+    p.add_argument("--workers", type=int, default=1, help="parallel scoring actors")
+    p.add_argument("--out", help="report directory (default: eval.report_dir or <run>/eval)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write tables and the dense model for serving")
+    p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")
+    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("--dtype", choices=["float32", "float16", "int8"], help="table storage")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="score a Parquet log from an export directory alone")
+    p.add_argument("--export", required=True, help="directory written by `recsys export`")
+    p.add_argument("--data", required=True, help="Parquet log to score")
+    p.add_argument("--out", help="write the probabilities to this Parquet file")
+    p.add_argument("--with-metrics", action="store_true", help="also print AUC etc. (needs labels)")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 
