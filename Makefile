@@ -1,5 +1,5 @@
 # The README's commands. Each target sets up .venv first when it is missing or stale.
-#   make demo     generate a small synthetic log and print its statistics
+#   make demo     synthetic log -> train DLRM on 2 local Ray workers -> evaluate -> export -> predict
 #   make test     lint + the default test suite (slow tests excluded)
 #   DEVICE=cuda make ...   installs the CUDA builds (torch from PyPI, fbgemm-gpu) instead
 SHELL := /bin/bash
@@ -32,9 +32,21 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+DEMO_ROWS ?= 300000
+
 demo: $(STAMP)
-	$(VENV)/bin/recsys gen-data conf/criteo_synth.yaml --rows 200000 --out out/demo/criteo
-	$(VENV)/bin/recsys stats conf/criteo_synth.yaml --data out/demo/criteo
+	rm -rf out/demo
+	$(VENV)/bin/recsys gen-data conf/demo.yaml --rows $(DEMO_ROWS) --out out/demo/log
+	$(VENV)/bin/recsys stats conf/demo.yaml
+	$(VENV)/bin/recsys train conf/demo.yaml
+	$(VENV)/bin/recsys evaluate --checkpoint out/demo/runs/demo --data out/demo/log/day=2026-01-04
+	$(VENV)/bin/recsys export --checkpoint out/demo/runs/demo --out out/demo/export
+	$(VENV)/bin/recsys predict --export out/demo/export --data out/demo/log/day=2026-01-04 \
+		--with-metrics --out out/demo/predictions.parquet
+	$(PY) -c "import json; g = json.load(open('out/demo/log/_generator.json')); \
+		e = json.load(open('out/demo/runs/demo/eval/report.json')); \
+		print(f\"demo: held-out AUC {e['auc']:.4f}, generator's oracle AUC on that day \
+		{g['oracle_auc_per_day']['2026-01-04']:.4f}\")"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recsys tables models pipelines tests bench

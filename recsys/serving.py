@@ -45,7 +45,7 @@ def _load_table(root: Path, entry: dict) -> ServedTable:
     rows = rows_of(data)
     default = np.asarray(entry.get("default_embedding") or np.zeros(entry["dim"]), np.float32)
     return ServedTable(
-        ids=torch.from_numpy(data.column("id").to_numpy()),
+        ids=torch.from_numpy(np.array(data.column("id").to_numpy(), dtype=np.int64)),
         weights=torch.from_numpy(np.vstack([rows, default[None, :]])),
         lookup=entry["lookup"],
         num_rows=entry.get("num_rows", len(rows)),

@@ -1,0 +1,64 @@
+"""Building the model of an experiment, the same way in training, evaluation and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.ctr import build_ctr_model
+from models.ranking import RankingModel
+from pipelines.checkpoint import load_model_weights
+from recsys.config import ExperimentConfig, load_config
+from tables.pooled import PooledEmbeddings, make_transform, table_specs
+
+VOCAB_FILE = "vocabularies.npz"
+
+
+def save_vocabularies(run_dir: Path, vocabularies: dict[str, np.ndarray]) -> None:
+    np.savez(run_dir / VOCAB_FILE, **vocabularies)
+
+
+def load_vocabularies(run_dir: Path) -> dict[str, np.ndarray]:
+    path = run_dir / VOCAB_FILE
+    if not path.exists():
+        return {}
+    with np.load(path) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def build_model(
+    cfg: ExperimentConfig,
+    vocabularies: dict[str, np.ndarray],
+    table_device: torch.device | None = None,
+) -> RankingModel:
+    """Tables on `table_device` (meta: DMP materializes only the local shards); ID
+    transforms and dense layers on the CPU, where their buffers and weights are real."""
+    specs = table_specs(cfg, vocabularies)
+    transforms = {s.name: make_transform(s, vocabularies.get(s.name)) for s in specs}
+    sparse = PooledEmbeddings(specs, transforms, device=table_device)
+    dense = build_ctr_model(cfg.model, len(cfg.features.dense), sparse.feature_dims)
+    return RankingModel(sparse, dense)
+
+
+def latest_checkpoint(run: Path) -> Path:
+    """A checkpoint directory itself, or the newest `checkpoint_*` of a run directory."""
+    if (run / "progress.json").exists():
+        return run
+    found = sorted(run.glob("checkpoint_*"))
+    if not found:
+        raise FileNotFoundError(f"{run}: no checkpoint_* directory; did training finish a step?")
+    return found[-1]
+
+
+def load_trained(run: str | Path) -> tuple[ExperimentConfig, RankingModel, dict]:
+    """The run's config and its model, unsharded on the CPU, with the newest weights."""
+    run = Path(run)
+    checkpoint = latest_checkpoint(run)
+    run_dir = checkpoint if (checkpoint / "config.yaml").exists() else checkpoint.parent
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg, load_vocabularies(run_dir))
+    progress = load_model_weights(checkpoint, model)
+    model.eval()
+    return cfg, model, {**progress, "checkpoint": str(checkpoint), "run_dir": str(run_dir)}
