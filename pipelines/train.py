@@ -278,11 +278,17 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid") if loop_config["has_valid"] else None
     last_metrics: dict[str, Any] = {}
+    # A due checkpoint is written just before the next step, so that the end of training
+    # (which always checkpoints) never writes the same step twice.
+    checkpoint_due = False
     for epoch in range(progress["epoch"], cfg.train.epochs):
         skip = progress["batches_in_epoch"] if epoch == progress["epoch"] else 0
         for i, table in enumerate(_arrow_batches(train_shard, cfg)):
             if i < skip:
                 continue  # consumed before the checkpoint this run resumed from
+            if checkpoint_due:
+                _report(meter.snapshot(progress["step"], epoch), dmp, optimizer, progress)
+                checkpoint_due = False
             batch = convert(table).to(device, non_blocking=True)
             logits = dmp(batch)
             loss = loss_fn(logits, batch.labels)
@@ -297,8 +303,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     print(" ".join(f"{k}={v:.4g}" for k, v in last_metrics.items()), flush=True)
                     meter.write(last_metrics)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                _report({**meter.snapshot(step, epoch)}, dmp, optimizer, progress)
+            checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
             if cfg.train.max_steps and step >= cfg.train.max_steps:
                 break
         progress = {"step": progress["step"], "epoch": epoch + 1, "batches_in_epoch": 0}
