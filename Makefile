@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-DEMO_ROWS ?= 300000
+DEMO_ROWS ?= 400000
 
 demo: $(STAMP)
 	rm -rf out/demo

@@ -133,6 +133,8 @@ class BatchConverter:
         dense = np.empty((rows, len(f.dense)), dtype=np.float32)
         for j, feature in enumerate(f.dense):
             dense[:, j] = _numeric(col(feature.name), np.float32, feature.fill_null)
+            if feature.log:
+                np.log1p(dense[:, j], out=dense[:, j], where=dense[:, j] > 0)
         sparse = jagged_from_columns([col(k) for k in self.sparse_keys], self.sparse_keys, rows)
         sequences = None
         if self.sequence_keys:

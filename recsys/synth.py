@@ -373,9 +373,6 @@ def _arrow_table(schema: pa.Schema, columns: dict[str, Any]) -> pa.Table:
 
 USER_ZIPF = 0.7  # user activity: skewed, but no user owns a large share of the log
 USER_FEATURES = 3  # sparse features whose vectors interact with the user vector
-# Standard deviations of the planted logit's parts (each normalized on a pilot sample):
-# chosen so the oracle AUC is about 0.8 with the default noise.
-CTR_TERM_STD = {"dense": 0.35, "bias": 0.9, "pairs": 0.7, "user": 0.5}
 
 
 @dataclass(frozen=True)
@@ -574,7 +571,8 @@ def _calibrated(plan: _CtrPlan) -> _CtrPlan:
     rng = np.random.default_rng([plan.synth.seed, 2])
     seconds = np.zeros(PILOT_ROWS, np.int64)
     _, terms, _ = _ctr_chunk(plan, 0, seconds, PILOT_ROWS, rng)
-    scale = {k: CTR_TERM_STD[k] / max(float(v.std()), 1e-12) for k, v in terms.items()}
+    wanted = plan.synth.logit_std.model_dump()
+    scale = {k: wanted[k] / max(float(v.std()), 1e-12) for k, v in terms.items()}
     plan = replace(plan, term_scale=scale)
     noise = plan.synth.noise * rng.standard_normal(PILOT_ROWS)
     base = _calibrate_base(_ctr_logits(plan, terms), noise, plan.synth.base_ctr)

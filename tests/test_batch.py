@@ -90,3 +90,25 @@ def test_batch_moves_between_devices_unchanged() -> None:
     moved = batch.to("cpu")
     assert torch.equal(moved.dense, batch.dense)
     assert torch.equal(moved.sparse.values(), batch.sparse.values())
+
+
+def test_log_dense_and_user_id_as_a_sparse_feature() -> None:
+    """`log: true` maps x > 0 to log(1 + x) and keeps the rest; the user_id column may also
+    be read as an ID feature, and then it is validated and converted once per role."""
+    features = FeaturesConfig.model_validate(
+        {"dense": [{"name": "d0", "log": True}], "sparse": ["user_id"]}
+    )
+    assert features.column_names().count("user_id") == 1
+    table = pa.table(
+        {
+            "label": pa.array([0, 1, 0], pa.int8()),
+            "timestamp": pa.array([1, 2, 3], pa.int64()),
+            "user_id": pa.array([7, 8, 7], pa.int64()),
+            "d0": pa.array([-2.0, 0.0, np.e - 1], pa.float32()),
+        }
+    )
+    batch = BatchConverter(features)(table)
+    np.testing.assert_allclose(batch.dense[:, 0].numpy(), [-2.0, 0.0, 1.0], rtol=1e-6)
+    assert batch.sparse.values().tolist() == [7, 8, 7] == batch.group.tolist()
+    with pytest.raises(ValueError, match="user_id column: single-valued"):
+        FeaturesConfig.model_validate({"sparse": [{"name": "user_id", "multi_valued": True}]})

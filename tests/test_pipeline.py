@@ -65,7 +65,7 @@ def _model_probabilities(run: str, data: Path) -> np.ndarray:
 
 
 def test_training_reports_progress_metrics_and_checkpoints(trained) -> None:
-    cfg, tmp, result = trained
+    cfg, _, result = trained
     run = Path(result["run_dir"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if not r.get("final")]
@@ -108,7 +108,7 @@ def test_export_scores_exactly_what_the_trained_model_scores(trained) -> None:
 
 
 def test_running_again_resumes_from_the_last_checkpoint(trained, repo: Path) -> None:
-    cfg, tmp, first = trained
+    _, tmp, first = trained
     steps_per_epoch = first["metrics"]["step"]
     again = train(_config(repo, tmp, "train.epochs=2"))
     assert again["metrics"]["step"] == 2 * steps_per_epoch

@@ -1,0 +1,99 @@
+"""`ray job submit ... -- recsys train` against a real `ray start --head` cluster on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recsys.config import load_config
+from recsys.synth import generate
+
+pytestmark = pytest.mark.cluster
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A head node on loopback with its own dashboard (the Jobs API) and temp dir."""
+    dashboard = _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    # Loopback test cluster: no token auth, whatever token a developer's ~/.ray holds.
+    env["RAY_AUTH_MODE"] = "disabled"
+    started = _ray(
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={_free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--num-cpus=4",
+        "--disable-usage-stats",
+        f"--temp-dir={tmp_path_factory.mktemp('ray')}",
+        env=env,
+        timeout=180,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _ray("stop", "--force", env=env, timeout=120)
+
+
+def test_submitted_training_job_trains_and_checkpoints(cluster, repo: Path, tmp_path) -> None:
+    address, env = cluster
+    log, runs = tmp_path / "log", tmp_path / "runs"
+    overrides = [
+        f"data.train={log}",
+        f"train.run_dir={runs}",
+        "data.synthetic.days=2",
+        "tables.0.embedding_dim=8",
+        "model.dense_arch=[16,8]",
+        "model.over_arch=[16]",
+        "train.batch_size=512",
+        "train.log_every=5",
+    ]
+    generate(load_config(repo / "conf" / "demo.yaml", overrides), rows=8_000, out=log)
+    runtime_env = {"excludes": [".venv", ".git", "out", "runs", "data", "*.egg-info"]}
+    submitted = _ray(
+        "job",
+        "submit",
+        f"--address={address}",
+        f"--working-dir={repo}",
+        f"--runtime-env-json={json.dumps(runtime_env)}",
+        "--",
+        "recsys",
+        "train",
+        "conf/demo.yaml",
+        *overrides,
+        env=env,
+        timeout=600,
+    )
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output[-4000:]
+    assert "succeeded" in output, output[-4000:]
+    result = json.loads((runs / "demo" / "result.json").read_text())
+    assert result["metrics"]["step"] > 0 and 0.0 < result["metrics"]["valid_auc"] < 1.0
+    assert Path(result["checkpoint"]).is_dir()
+    records = (runs / "demo" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(records[-1])["final"]
