@@ -1,0 +1,309 @@
+"""Long-sequence CTR models: DIN, TWIN (search, then attend), TWIN with projections, DARE.
+
+All four read already-looked-up embeddings (`SequenceInputs`), never IDs, so they are blind
+to the table variant and its sharding. Each input carries two embedding sets: `attention`,
+used for every attention score, and `representation`, the vectors that are aggregated and
+fed to the MLP. The coupled models (DIN, TWIN, TWIN with projections) are meant to be fed
+the same tensors in both (one table per feature); DARE's whole difference is that its two
+sets come from separate tables, the attention one possibly narrower, so with tied sets it
+is exactly TWIN. `model.decoupled` tells the caller which kind of tables to build.
+
+A vector (target or behaviour) is the concatenation of item, category and time-position
+embeddings, in that order. The time index is the reverse position in the history (most
+recent behaviour = 1, see `reverse_positions`) and 0 for the target.
+
+Export: every model traces with `torch.export` (symbolic batch size and history total)
+when built with `max_length`, a static bound on history lengths; see `search_top_k`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models.search import scaled_query, search_top_k
+
+
+@dataclass(frozen=True)
+class FieldDims:
+    """Embedding widths of one set's fields; its vectors are item | category | time."""
+
+    item: int
+    category: int
+    time: int
+
+    def __post_init__(self) -> None:
+        if min(self.item, self.category) <= 0 or self.time < 0:
+            raise ValueError(f"field dims must be positive (time may be 0), got {self}")
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.item, self.category, self.time]
+
+    @property
+    def total(self) -> int:
+        return self.item + self.category + self.time
+
+
+@dataclass
+class EmbeddingSet:
+    """One embedding set of a batch: target [B, d] and history values [N, d] (users one
+    after the other, oldest behaviour first), each row item | category | time-position."""
+
+    target: Tensor
+    history: Tensor
+
+
+@dataclass
+class SequenceInputs:
+    """Everything a sequence model reads for a batch of B impressions.
+
+    offsets: [B + 1] int64 starts of each user's history in the history values (a
+    history may be empty, but the batch must hold at least one behaviour); other: optional
+    [B, other_dim] dense features and pooled embeddings of non-sequence features.
+    """
+
+    attention: EmbeddingSet
+    representation: EmbeddingSet
+    offsets: Tensor
+    other: Tensor | None = None
+
+    @classmethod
+    def coupled(
+        cls, embeddings: EmbeddingSet, offsets: Tensor, other: Tensor | None = None
+    ) -> SequenceInputs:
+        """Inputs for a model with one embedding set serving attention and representation."""
+        return cls(embeddings, embeddings, offsets, other)
+
+
+torch.export.register_dataclass(EmbeddingSet)
+torch.export.register_dataclass(SequenceInputs)
+
+
+def reverse_positions(offsets: Tensor) -> Tensor:
+    """[N] time index of every behaviour: 1 for each user's most recent, counting back."""
+    lengths = offsets[1:] - offsets[:-1]
+    total = int(offsets[-1])
+    ends = torch.repeat_interleave(offsets[1:], lengths, output_size=total)
+    return ends - torch.arange(total, device=offsets.device)
+
+
+def segment_mean(values: Tensor, offsets: Tensor) -> Tensor:
+    """[N, d] jagged values -> [B, d] mean per user; 0 for an empty history."""
+    lengths = offsets[1:] - offsets[:-1]
+    users = torch.arange(lengths.shape[0], device=values.device)
+    rows = torch.repeat_interleave(users, lengths, output_size=values.shape[0])
+    sums = values.new_zeros(lengths.shape[0], values.shape[1]).index_add(0, rows, values)
+    return sums / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
+
+
+def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
+    """Softmax over the valid slots of each row; all-zero weights for a row with none."""
+    floor = torch.finfo(scores.dtype).min
+    return torch.softmax(scores.masked_fill(~valid, floor), dim=-1) * valid
+
+
+class InterestHead(nn.Module):
+    """The paper's prediction MLP on [R(t), u, mean, R(t) * u, R(t) * mean] (+ other).
+
+    BatchNorm -> 200 -> 80 -> 1 with PReLU; one logit instead of the paper's two-way
+    softmax, which is the same model under binary cross-entropy.
+    """
+
+    def __init__(self, width: int, other_dim: int) -> None:
+        super().__init__()
+        features = 5 * width + other_dim
+        self.mlp = nn.Sequential(
+            nn.BatchNorm1d(features),
+            nn.Linear(features, 200),
+            nn.PReLU(init=0.1),
+            nn.Linear(200, 80),
+            nn.PReLU(init=0.1),
+            nn.Linear(80, 1),
+        )
+
+    def forward(
+        self, target: Tensor, interest: Tensor, mean: Tensor, other: Tensor | None
+    ) -> Tensor:
+        parts = [target, interest, mean, target * interest, target * mean]
+        if other is not None:
+            parts.insert(0, other)
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(-1)
+
+
+class FieldProjection(nn.Module):
+    """Bias-free d_f x d_f linear maps, one per field, applied to concatenated vectors.
+
+    Kept as one block-diagonal matrix so a projection is one matmul, and so its transpose
+    can move onto the other side of a dot product: <P_t t, P_b h> = <P_b^T P_t t, h>.
+    """
+
+    def __init__(self, dims: FieldDims) -> None:
+        super().__init__()
+        self.fields = nn.ModuleList(nn.Linear(d, d, bias=False) for d in dims.widths if d)
+
+    def matrix(self) -> Tensor:
+        return torch.block_diag(*(f.weight for f in self.fields))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.matrix().T
+
+    def transpose(self, x: Tensor) -> Tensor:
+        """Applies P^T."""
+        return x @ self.matrix()
+
+
+class Projections(nn.Module):
+    """The projection baseline's four maps: (attention | representation) x (target | behaviour).
+
+    The two behaviour maps act where they are cheapest, which their linearity allows: the
+    attention one is folded into the query (so the search stays one pass over the raw
+    history values), the representation one acts after aggregation, on [B, d] instead of
+    [N, d]. Same model as projecting every behaviour, up to float rounding.
+    """
+
+    def __init__(self, dims: FieldDims) -> None:
+        super().__init__()
+        self.attention_target = FieldProjection(dims)
+        self.attention_behaviour = FieldProjection(dims)
+        self.representation_target = FieldProjection(dims)
+        self.representation_behaviour = FieldProjection(dims)
+
+    def query(self, target: Tensor) -> Tensor:
+        return self.attention_behaviour.transpose(self.attention_target(target))
+
+
+class TwoStageModel(nn.Module):
+    """TWIN / DARE: top-K search over the whole history, then softmax attention over the K.
+
+    Stage 1 (`search_top_k`) picks the K behaviours with the highest attention scores;
+    stage 2 recomputes those K scores with autograd, normalises them with a softmax and
+    averages the K representation vectors with those weights into the user interest u.
+    The head sees [R(t), u, mean of all R(h), R(t) * u, R(t) * mean].
+    """
+
+    def __init__(
+        self,
+        attention: FieldDims,
+        representation: FieldDims,
+        *,
+        decoupled: bool,
+        other_dim: int = 0,
+        top_k: int = 20,
+        project: bool = False,
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not decoupled and attention != representation:
+            raise ValueError(
+                f"a coupled model has one embedding set, got attention dims {attention} "
+                f"and representation dims {representation}"
+            )
+        if project and decoupled:
+            raise ValueError("the projection baseline is a coupled model")
+        self.attention_dims = attention
+        self.representation_dims = representation
+        self.decoupled = decoupled
+        self.top_k = top_k
+        self.max_length = max_length
+        self.projections = Projections(attention) if project else None
+        self.head = InterestHead(representation.total, other_dim)
+
+    def forward(self, inputs: SequenceInputs) -> Tensor:
+        """-> logits [B]."""
+        att, rep, offsets = inputs.attention, inputs.representation, inputs.offsets
+        target = att.target if self.projections is None else self.projections.query(att.target)
+        time_dim = self.attention_dims.time
+        top = search_top_k(target, att.history, offsets, time_dim, self.top_k, self.max_length)
+        rows = (offsets[:-1].unsqueeze(1) + top.indices).clamp(max=att.history.shape[0] - 1)
+        query = scaled_query(target, time_dim).unsqueeze(-1)
+        scores = (att.history[rows] @ query).squeeze(-1)
+        weights = masked_softmax(scores, top.valid)
+        interest = (weights.unsqueeze(1) @ rep.history[rows]).squeeze(1)
+        mean = segment_mean(rep.history, offsets)
+        represented = rep.target
+        if self.projections is not None:
+            represented = self.projections.representation_target(rep.target)
+            interest = self.projections.representation_behaviour(interest)
+            mean = self.projections.representation_behaviour(mean)
+        return self.head(represented, interest, mean, inputs.other)
+
+
+class DIN(nn.Module):
+    """DIN (Zhou et al. 2018): target attention over the `length` most recent behaviours.
+
+    The activation unit scores each behaviour with an MLP on [t, h, t - h, t * h] of the
+    attention vectors (time part included), normalised with a softmax as in the DARE
+    paper's baseline; the mean in the head covers the same window, all DIN sees.
+    """
+
+    def __init__(
+        self, dims: FieldDims, *, other_dim: int = 0, length: int = 200, hidden: int = 36
+    ) -> None:
+        super().__init__()
+        self.dims = dims
+        self.decoupled = False
+        self.length = length
+        self.unit = nn.Sequential(
+            nn.Linear(4 * dims.total, hidden), nn.PReLU(init=0.1), nn.Linear(hidden, 1)
+        )
+        self.head = InterestHead(dims.total, other_dim)
+
+    def recent(self, offsets: Tensor, total: int) -> tuple[Tensor, Tensor]:
+        """Rows of each user's last `length` behaviours [B, L] (clamped) and their validity."""
+        rows = offsets[1:].unsqueeze(1) - self.length + torch.arange(self.length).to(offsets)
+        valid = rows >= offsets[:-1].unsqueeze(1)
+        return rows.clamp(min=0, max=total - 1), valid
+
+    def forward(self, inputs: SequenceInputs) -> Tensor:
+        """-> logits [B]."""
+        att, rep = inputs.attention, inputs.representation
+        rows, valid = self.recent(inputs.offsets, att.history.shape[0])
+        keys = att.history[rows]
+        target = att.target.unsqueeze(1).expand_as(keys)
+        scores = self.unit(torch.cat([target, keys, target - keys, target * keys], -1))
+        weights = masked_softmax(scores.squeeze(-1), valid)
+        values = rep.history[rows]
+        interest = (weights.unsqueeze(1) @ values).squeeze(1)
+        counts = valid.sum(1, keepdim=True).clamp(min=1).to(values.dtype)
+        mean = (values * valid.unsqueeze(-1)).sum(1) / counts
+        return self.head(rep.target, interest, mean, inputs.other)
+
+
+SEQUENCE_MODELS = ("din", "twin", "twin_proj", "dare")
+
+
+def build_sequence_model(
+    name: str,
+    dims: FieldDims,
+    *,
+    attention_dims: FieldDims | None = None,
+    other_dim: int = 0,
+    top_k: int = 20,
+    din_length: int = 200,
+    max_length: int | None = None,
+) -> nn.Module:
+    """The sequence model `name` over vectors of field dims `dims` (the representation set).
+
+    attention_dims: DARE's attention set (default: equal to `dims`); the coupled models
+    share one set and reject it. other_dim: width of `SequenceInputs.other`. top_k: the
+    two-stage models' K. din_length: DIN's window. max_length: static bound on history
+    lengths, needed for `torch.export` of the two-stage models.
+    """
+    if name not in SEQUENCE_MODELS:
+        raise ValueError(f"unknown sequence model {name!r}; known: {list(SEQUENCE_MODELS)}")
+    if attention_dims is not None and name != "dare":
+        raise ValueError(f"{name}: one embedding set; attention_dims is for 'dare' only")
+    if name == "din":
+        return DIN(dims, other_dim=other_dim, length=din_length)
+    return TwoStageModel(
+        attention_dims or dims,
+        dims,
+        decoupled=name == "dare",
+        other_dim=other_dim,
+        top_k=top_k,
+        project=name == "twin_proj",
+        max_length=max_length,
+    )
