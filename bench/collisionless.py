@@ -1,0 +1,206 @@
+"""Collisionless ID map benchmark: lookup+insert IDs/s against torchrec MCH and a Python dict.
+
+One thread, one Zipf stream of raw int64 IDs (`--distinct` IDs, exponent `--zipf`, each rank
+mapped to a raw ID by a 64-bit bijection, so IDs cover the whole int64 range). The table has
+`--capacity` rows; for each load factor L the map is first filled with the L * capacity most
+popular IDs (older timestamps), then the stream's batches are timed. At L = 1.0 every new ID
+needs an eviction (LRU). Contenders are timed batch by batch in turn on the same batches, so
+load from other processes hits them alike:
+
+- ours: `IdMap.lookup_or_insert` (policy evict_lru, each eviction pass frees 1/64 of the
+  rows ahead of need), stats per load factor; "lookup only" is `IdMap.lookup` afterwards;
+- a Python dict (`setdefault` per ID, tensor -> list -> tensor); it has no capacity, so it
+  never evicts and keeps no last-seen times or counts: a generous baseline;
+- torchrec `MCHManagedCollisionModule` (LRU, eviction_interval=1 so new IDs get rows in the
+  same batch, as ours do), profile+remap, same capacity and prefill; fewer batches (slow);
+- a plain `nn.EmbeddingBag` forward (dim 64, sum pooling, one ID per bag) over `capacity`
+  rows, as the reference cost of touching one row per ID.
+
+Bytes per live ID: the map's state (keys, values, rows, timestamps, counts) divided by live
+rows, against the row's own 256 bytes (dim 64 float32).
+
+    python bench/collisionless.py            # 10^7 distinct IDs, 2^22 rows; about a minute
+    python bench/collisionless.py --quick    # 10^6 distinct IDs, 2^18 rows; under a minute
+
+Goals (issue 4): >= 10x MCH, >= 2x the dict, within 2x of EmbeddingBag (ratio >= 0.5),
+overhead <= 1.5x the row bytes. Ratios use the worst load factor. Last line:
+`RESULT collisionless ratio=<ours/dict> goal=2 met=yes|no vs_mch=.. vs_embeddingbag=.. overhead=..`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchrec.modules.mc_modules import LRU_EvictionPolicy, MCHManagedCollisionModule
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from tables.idmap import IdMap, MapStats
+from tables.ownership import hash64
+
+LOAD_FACTORS = (0.5, 0.75, 1.0)
+DIM = 64
+STREAM_SEED = 20220707
+EVICT_CHUNK = 1 / 64  # an eviction pass frees 1.6% of the rows, amortising its O(rows) cost
+
+
+def zipf_ranks(distinct: int, exponent: float, n: int, seed: int) -> torch.Tensor:
+    """`n` ranks in [0, distinct), P(rank r) proportional to (r + 1)^-exponent."""
+    cdf = torch.arange(1, distinct + 1, dtype=torch.float64).pow_(-exponent).cumsum_(0)
+    cdf /= cdf[-1].item()
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.searchsorted(cdf, u).clamp_(max=distinct - 1)
+
+
+def raw_ids(ranks: torch.Tensor) -> torch.Tensor:
+    return hash64(ranks, STREAM_SEED)
+
+
+Run = Callable[[torch.Tensor, int], object]
+
+
+def rates(contenders: dict[str, Run], batches: list[torch.Tensor]) -> dict[str, float]:
+    """IDs/s of each `run(batch, time)` over the same batches, timed batch by batch in turn,
+    so load from other processes on the machine hits every contender alike. The first
+    batch warms up and is not timed.
+    """
+    seconds = dict.fromkeys(contenders, 0.0)
+    for t, batch in enumerate(batches, start=1):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            run(batch, t)
+            if t > 1:
+                seconds[name] += time.perf_counter() - start
+    timed = sum(b.numel() for b in batches[1:])
+    return {name: timed / s for name, s in seconds.items()}
+
+
+def prefilled_map(capacity: int, prefill: torch.Tensor, chunk: int) -> IdMap:
+    """Map holding `prefill` (most popular first, so the most popular are the most recent)."""
+    idmap = IdMap(capacity, "evict_lru", evict_chunk=EVICT_CHUNK)
+    pieces = prefill.flip(0).split(chunk)
+    for t, piece in enumerate(pieces, start=-len(pieces)):
+        idmap.lookup_or_insert(piece, None, t)
+    return idmap
+
+
+def dict_map(prefill: torch.Tensor) -> Run:
+    """The Python-dict baseline: tensor -> list, `setdefault` per ID, list -> tensor."""
+    table = dict(zip(prefill.tolist(), range(prefill.numel()), strict=True))
+
+    def run(batch: torch.Tensor, _: int) -> torch.Tensor:
+        setdefault = table.setdefault
+        return torch.tensor([setdefault(i, len(table)) for i in batch.tolist()])
+
+    return run
+
+
+def mch_map(capacity: int, prefill: torch.Tensor) -> Run:
+    """torchrec MCH (LRU) holding the same prefill; eviction every batch, as ours admits."""
+    mch = MCHManagedCollisionModule(
+        zch_size=capacity,
+        device=torch.device("cpu"),
+        eviction_policy=LRU_EvictionPolicy(),
+        eviction_interval=1,
+    )
+    held = prefill[: capacity - 1].sort().values  # MCH keeps its last row for misses
+    mch._mch_sorted_raw_ids[: held.numel()] = held
+    mch.train()
+
+    def run(batch: torch.Tensor, _: int) -> object:
+        lengths = torch.ones(batch.numel(), dtype=torch.int32)
+        return mch({"ids": JaggedTensor(values=batch, lengths=lengths)})
+
+    return run
+
+
+def embedding_bag(rows: int, batch: int) -> Run:
+    """A plain `nn.EmbeddingBag` forward, one ID per bag: the cost of touching one row."""
+    bag = nn.EmbeddingBag(rows, DIM, mode="sum")
+    offsets = torch.arange(batch)
+
+    def run(ids: torch.Tensor, _: int) -> torch.Tensor:
+        with torch.no_grad():
+            return bag(ids % rows, offsets[: ids.numel()])
+
+    return run
+
+
+def measure(
+    load: float, capacity: int, batches: list[torch.Tensor], bag: Run, mch_batches: int
+) -> dict[str, float]:
+    """Rates at one load factor, printed; returns ours/dict, ours/MCH, ours/bag, overhead."""
+    prefill = raw_ids(torch.arange(int(load * capacity)))
+    idmap = prefilled_map(capacity, prefill, batches[0].numel())
+    stats = MapStats()
+
+    def ours(batch: torch.Tensor, t: int) -> None:
+        nonlocal stats
+        stats += idmap.lookup_or_insert(batch, None, t).stats
+
+    got = rates({"ours": ours, "dict": dict_map(prefill), "bag": bag}, batches)
+    lookup = rates({"lookup": lambda batch, _: idmap.lookup(batch)}, batches)["lookup"]
+    map_bytes, live = sum(idmap.state_bytes().values()), idmap.num_live
+    mch = rates({"mch": mch_map(capacity, prefill)}, batches[: mch_batches + 1])["mch"]
+    out = {
+        "dict": got["ours"] / got["dict"],
+        "mch": got["ours"] / mch,
+        "bag": got["ours"] / got["bag"],
+        "overhead": map_bytes / live / (DIM * 4),
+    }
+    print(
+        f"load {load:.2f}: ours {got['ours'] / 1e6:.2f}M/s (lookup only {lookup / 1e6:.2f}M/s)"
+        f" | dict {got['dict'] / 1e6:.2f}M/s | MCH {mch / 1e6:.3f}M/s | EmbeddingBag "
+        f"{got['bag'] / 1e6:.2f}M/s | x{out['dict']:.1f} dict, x{out['mch']:.1f} MCH, "
+        f"x{out['bag']:.2f} EmbeddingBag"
+    )
+    n = len(batches)
+    print(
+        f"  per batch: hits {stats.hits / stats.lookups:.2%}, admitted {stats.admitted / n:,.0f}"
+        f", evicted {stats.evicted_lru / n:,.0f}; live rows {live:,}; map "
+        f"{map_bytes / live:.0f} B per live ID = {out['overhead']:.2f}x the row's {DIM * 4} B"
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10^6 IDs, 2^18 rows")
+    parser.add_argument("--distinct", type=int, help="distinct IDs in the stream")
+    parser.add_argument("--capacity", type=int, help="rows of the table")
+    parser.add_argument("--batch", type=int, default=65_536)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per load factor")
+    parser.add_argument("--mch-batches", type=int, default=3, help="timed batches for MCH")
+    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent")
+    args = parser.parse_args()
+    distinct = args.distinct or (10**6 if args.quick else 10**7)
+    capacity = args.capacity or (1 << 18 if args.quick else 1 << 22)
+    torch.set_num_threads(1)
+
+    ranks = zipf_ranks(distinct, args.zipf, (args.batches + 1) * args.batch, seed=1)
+    batches = list(raw_ids(ranks).split(args.batch))
+    head = (ranks < capacity).double().mean().item()
+    print(
+        f"stream: {distinct:,} distinct IDs, Zipf {args.zipf}, batch {args.batch:,}, "
+        f"{len(batches[0].unique()):,} distinct per batch; capacity {capacity:,} rows "
+        f"(the {capacity:,} most popular IDs draw {head:.1%} of lookups)"
+    )
+    bag = embedding_bag(capacity, args.batch)
+    runs = [measure(load, capacity, batches, bag, args.mch_batches) for load in LOAD_FACTORS]
+    ratio, vs_mch, vs_bag = (min(r[k] for r in runs) for k in ("dict", "mch", "bag"))
+    overhead = max(r["overhead"] for r in runs)
+    print(
+        f"goals: dict x{ratio:.1f} (>= 2), MCH x{vs_mch:.1f} (>= 10), EmbeddingBag x{vs_bag:.2f} "
+        f"(>= 0.5), overhead {overhead:.2f}x row (<= 1.5); worst load factor each"
+    )
+    print(
+        f"RESULT collisionless ratio={ratio:.2f} goal=2 met={'yes' if ratio >= 2 else 'no'} "
+        f"vs_mch={vs_mch:.1f} vs_embeddingbag={vs_bag:.2f} overhead={overhead:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

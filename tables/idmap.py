@@ -1,0 +1,499 @@
+"""Collisionless ID map: raw int64 ID -> embedding row, one map per table per rank.
+
+A cuckoo hash table (as Monolith's parameter servers use) maps each admitted ID to its own
+row slot. Rows are a separate array of `capacity` slots, so the hash array can stay sparse
+while the embedding table stays dense. Every ID lives in one of `CHOICES` (3) hash slots, so
+a lookup is at most three gathers for a whole batch, with no probe chains to follow: this is
+what makes pure torch ops fast here, since each extra round of a loop costs a fixed set of
+ops however few IDs are left in it. Inserts displace occupants to another of their slots,
+in vectorized rounds over the new IDs only.
+
+Any int64 is a valid ID (INT64_MIN and -1 included), so emptiness is never encoded in the
+key: `vals` holds the row slot of each hash slot, EMPTY (-1) when free. A lookup reads
+`vals` where the key matches, so a stale key in a freed slot reads as absent.
+
+When no row is free the policy decides: `evict_lru` / `evict_lfu` free the least recently /
+least frequently seen rows not used by the current batch, `grow` doubles the capacity
+(slots never move, so the caller only appends rows), `fallback` serves the overflow from a
+separate hashed table and reports it. Every outcome is counted in `MapStats`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from tables.ownership import hash64
+
+Policy = Literal["evict_lru", "evict_lfu", "grow", "fallback"]
+POLICIES: tuple[str, ...] = ("evict_lru", "evict_lfu", "grow", "fallback")
+AdmitMask = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
+
+EMPTY = -1
+MAP_SEED = 0x51AB
+FALLBACK_SEED = 0xFA11
+CHOICES = 3  # hash slots per ID: 3-choice cuckoo inserts rarely kick below ~0.9 load
+MAX_KICK_ROUNDS = 64  # insert rounds before the table is rebuilt with a new seed
+REBUILDS_PER_SIZE = 4
+_I64 = torch.iinfo(torch.int64)
+SAMPLE = 1 << 16  # rows sampled to pick an eviction threshold before the exact selection
+
+
+@dataclass
+class MapStats:
+    """Outcomes of one or more calls; `hits + new_lookups + filtered + overflowed == lookups`.
+
+    Occurrence counts (`lookups`, `hits`, `new_lookups`, `filtered`, `overflowed`) count
+    IDs as they appear in the batch; `admitted` and the eviction counts count distinct IDs;
+    `grown` counts capacity doublings. Expiry is its own call and returns what it freed.
+    """
+
+    lookups: int = 0
+    hits: int = 0
+    admitted: int = 0
+    new_lookups: int = 0
+    filtered: int = 0
+    overflowed: int = 0
+    evicted_lru: int = 0
+    evicted_lfu: int = 0
+    grown: int = 0
+
+    def __iadd__(self, other: MapStats) -> MapStats:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+
+class Freed(NamedTuple):
+    """Rows taken from IDs (by eviction or expiry): reset their weights and optimizer state."""
+
+    slots: torch.Tensor
+    ids: torch.Tensor
+
+
+@dataclass
+class InsertResult:
+    """What `lookup_or_insert` did to a batch.
+
+    `slots` is the row per ID, -1 where the ID has none (filtered or overflowed: it reads
+    the default embedding). `fallback` is the fallback-table row per ID, -1 elsewhere (only
+    the `fallback` policy fills it). `new_slots` are rows given to new IDs in this call
+    (initialise them); `evicted` are the rows and IDs evicted to make room (export them as
+    deletions). `capacity` is the row count after the call (it changes only under `grow`).
+    """
+
+    slots: torch.Tensor
+    fallback: torch.Tensor
+    new_slots: torch.Tensor
+    evicted: Freed
+    capacity: int
+    stats: MapStats = field(default_factory=MapStats)
+
+
+def _empty_ids() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64)
+
+
+class IdMap(nn.Module):
+    """Collisionless map from raw IDs to `capacity` row slots with a full-table policy.
+
+    Args:
+        capacity: rows of the embedding table this map serves.
+        policy: what happens when no row is free (see module docstring).
+        max_load: the hash array is the smallest power of two holding `capacity / max_load`
+            keys; lower means fewer displacements on insert and more bytes (at most 0.8).
+        evict_chunk: fraction of capacity an eviction pass frees beyond what the batch
+            needs. A pass costs O(capacity), so freeing ahead amortises it over batches;
+            0 evicts exactly what is needed.
+        fallback_rows: rows of the hashed fallback table (`fallback` policy only).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        policy: Policy = "evict_lru",
+        *,
+        max_load: float = 0.4,
+        evict_chunk: float = 0.0,
+        fallback_rows: int = 0,
+    ) -> None:
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+        if policy == "fallback" and fallback_rows <= 0:
+            raise ValueError("the fallback policy needs fallback_rows > 0")
+        if capacity <= 0 or not 0 < max_load <= 0.8:
+            raise ValueError("capacity must be positive and max_load in (0, 0.8]")
+        self.policy = policy
+        self.max_load = max_load
+        self.evict_chunk = evict_chunk
+        self.fallback_rows = fallback_rows
+        num_keys = self._key_slots_for(capacity)
+        self.register_buffer("keys", torch.zeros(num_keys, dtype=torch.int64))
+        self.register_buffer("vals", torch.full((num_keys,), EMPTY, dtype=torch.int32))
+        self.register_buffer("row_ids", torch.zeros(capacity, dtype=torch.int64))
+        self.register_buffer("row_pos", torch.zeros(capacity, dtype=torch.int64))
+        self.register_buffer("last_seen", torch.zeros(capacity, dtype=torch.int64))
+        self.register_buffer("counts", torch.zeros(capacity, dtype=torch.int64))
+        self.register_buffer("live", torch.zeros(capacity, dtype=torch.bool))
+        self.register_buffer("free", torch.arange(capacity - 1, -1, -1, dtype=torch.int32))
+        self.register_buffer("num_free", torch.tensor(capacity))
+        self.register_buffer("seed", torch.tensor(MAP_SEED))
+
+    # ---- sizes -------------------------------------------------------------------------
+
+    def _key_slots_for(self, capacity: int) -> int:
+        return 1 << max(4, math.ceil(math.log2(capacity / self.max_load)))
+
+    @property
+    def capacity(self) -> int:
+        return self.live.numel()
+
+    @property
+    def num_live(self) -> int:
+        return self.capacity - int(self.num_free)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes per component; `rows` is the reverse map (ID and hash slot of each row),
+        live flags and free list."""
+
+        def nbytes(*ts: torch.Tensor) -> int:
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        return {
+            "keys": nbytes(self.keys),
+            "values": nbytes(self.vals),
+            "rows": nbytes(self.row_ids, self.row_pos, self.live, self.free),
+            "timestamps": nbytes(self.last_seen),
+            "counts": nbytes(self.counts),
+        }
+
+    # ---- hashing and probing -----------------------------------------------------------
+
+    def _hashes(self, ids: torch.Tensor) -> torch.Tensor:
+        return hash64(ids, int(self.seed))
+
+    def _choice(self, h: torch.Tensor, j: int) -> torch.Tensor:
+        """Hash slot number j of IDs with hashes h: `low + j * high` (double hashing; the
+        odd step makes the choices distinct in a power-of-two array)."""
+        return (h + j * ((h >> 32) | 1)) & (self.keys.numel() - 1)
+
+    def _probe(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row slot per ID, -1 if absent: each round checks the next choice of the IDs not
+        found yet, and almost all are found at their first."""
+        h = self._hashes(ids)
+        pos = h & (self.keys.numel() - 1)
+        found = torch.where(
+            self.keys.index_select(0, pos) == ids, self.vals.index_select(0, pos), EMPTY
+        )
+        slots = found.to(torch.int64)
+        rest = (found < 0).nonzero().squeeze(1)
+        for j in range(1, CHOICES):
+            if not rest.numel():
+                break
+            pos = self._choice(h.index_select(0, rest), j)
+            keys = self.keys.index_select(0, pos)
+            wanted = ids.index_select(0, rest)
+            found = torch.where(keys == wanted, self.vals.index_select(0, pos), EMPTY)
+            slots.index_copy_(0, rest, found.to(torch.int64))
+            rest = rest[found < 0]
+        return slots
+
+    def _place(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Insert distinct absent IDs; if the cuckoo rounds do not settle, rebuild."""
+        if not self._cuckoo(ids, slots):
+            self._rehash(self.keys.numel(), reseed=True)
+
+    def _cuckoo(self, ids: torch.Tensor, slots: torch.Tensor) -> bool:
+        """Vectorized cuckoo insert; False if some ID is still homeless after the rounds.
+
+        Each round every pending ID targets its first free hash slot, else its kick slot.
+        All write their key and the one whose key reads back wins the slot, so no two IDs
+        ever share one; a displaced occupant becomes pending, kicking at its next choice.
+        Pending state is one (id, row, choices..., kick) x n tensor: fewer ops per round.
+        """
+        h = self._hashes(ids)
+        choices = [self._choice(h, j) for j in range(CHOICES)]
+        pending = torch.stack([ids, slots.to(torch.int64), *choices, choices[0]])
+        for _ in range(MAX_KICK_ROUNDS):
+            if not pending.shape[1]:
+                return True
+            ids, rows, choices, kick = pending[0], pending[1], pending[2:-1], pending[-1]
+            taken = self.vals.index_select(0, choices.reshape(-1)).view(CHOICES, -1) >= 0
+            target = kick
+            for j in reversed(range(CHOICES)):  # the first free choice, else the kick slot
+                target = torch.where(taken[j], target, choices[j])
+            held_key = self.keys.index_select(0, target)
+            held_row = self.vals.index_select(0, target)
+            self.keys.index_copy_(0, target, ids)
+            won = self.keys.index_select(0, target) == ids
+            winners = won.nonzero().squeeze(1)
+            at, rows = target.index_select(0, winners), rows.index_select(0, winners)
+            self.vals.index_copy_(0, at, rows.to(torch.int32))
+            self.row_pos.index_copy_(0, rows, at)
+            out = winners[held_row.index_select(0, winners) >= 0]
+            pending = torch.cat(
+                [pending[:, ~won], self._displaced(held_key[out], held_row[out], target[out])], 1
+            )
+        return not pending.shape[1]
+
+    def _displaced(self, ids: torch.Tensor, rows: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Pending state of occupants pushed out of hash slots `at`: they kick at the choice
+        after the one they held, so a chain does not bounce between two slots."""
+        h = self._hashes(ids)
+        choices = [self._choice(h, j) for j in range(CHOICES)]
+        kick = choices[0]
+        for j in reversed(range(CHOICES)):
+            kick = torch.where(at == choices[j], choices[(j + 1) % CHOICES], kick)
+        return torch.stack([ids, rows.to(torch.int64), *choices, kick])
+
+    def _rehash(self, num_keys: int, reseed: bool = False) -> None:
+        """Rebuild the hash array from the live rows: larger after growth, or with a new
+        seed when inserts did not settle (the rows keep every ID, so none is lost). After
+        `REBUILDS_PER_SIZE` failed seeds the array doubles, so rebuilding always ends.
+        """
+        rows = self.live.nonzero().squeeze(1)
+        ids = self.row_ids.index_select(0, rows)
+        for attempt in itertools.count():
+            self.seed += int(reseed)
+            size = num_keys << (attempt // REBUILDS_PER_SIZE)
+            self.keys = torch.zeros(size, dtype=torch.int64)
+            self.vals = torch.full((size,), EMPTY, dtype=torch.int32)
+            if self._cuckoo(ids, rows):
+                return
+            reseed = True
+
+    # ---- public operations -------------------------------------------------------------
+
+    @torch.no_grad()
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row slot of each ID, -1 where absent; read-only (serving)."""
+        flat = ids.reshape(-1).to(torch.int64)
+        return self._probe(flat).view(ids.shape)
+
+    @torch.no_grad()
+    def lookup_or_insert(
+        self, ids: torch.Tensor, admit_mask: AdmitMask = None, now: int | torch.Tensor = 0
+    ) -> InsertResult:
+        """Rows for a batch of IDs, creating rows for admitted new IDs.
+
+        Args:
+            ids: raw IDs, any shape.
+            admit_mask: None admits every new ID; a bool tensor shaped like `ids`; or a
+                callable given the missing IDs (one entry per occurrence) returning their
+                mask, so a frequency filter counts only IDs that are not in the table. A new
+                ID is admitted if any of its occurrences is.
+            now: event time of the batch (scalar), or per ID (then a row keeps the latest).
+        """
+        flat = ids.reshape(-1).to(torch.int64)
+        stats = MapStats(lookups=flat.numel())
+        slots = self._probe(flat)
+        miss = (slots < 0).nonzero().squeeze(1)
+        stats.hits = flat.numel() - miss.numel()
+        fallback = torch.full_like(flat, EMPTY)
+        new_slots, evicted = _empty_ids(), Freed(_empty_ids(), _empty_ids())
+        if miss.numel():
+            miss_ids = flat.index_select(0, miss)
+            uniq, inverse = torch.unique(miss_ids, return_inverse=True)
+            wanted = self._wanted(admit_mask, miss, miss_ids, inverse, uniq.numel())
+            new_ids = uniq if wanted is None else uniq[wanted]
+            new_slots, evicted = self._make_room(new_ids.numel(), slots, stats)
+            got = new_slots.numel()
+            self._occupy(new_ids[:got], new_slots)
+            uniq_slot = torch.full_like(uniq, EMPTY)
+            placed = torch.arange(got) if wanted is None else wanted.nonzero().squeeze(1)[:got]
+            miss_slot = uniq_slot.index_copy_(0, placed, new_slots).index_select(0, inverse)
+            slots.index_copy_(0, miss, miss_slot)
+            refused = None if wanted is None else ~wanted.index_select(0, inverse)
+            stats.admitted = got
+            stats.filtered = 0 if refused is None else int(refused.sum())
+            stats.new_lookups = int((miss_slot >= 0).sum()) if got else 0
+            stats.overflowed = miss.numel() - stats.new_lookups - stats.filtered
+            if stats.overflowed and self.policy == "fallback":
+                unserved = miss_slot < 0 if refused is None else (miss_slot < 0) & ~refused
+                over = miss[unserved]
+                fallback[over] = hash64(flat[over], FALLBACK_SEED) % self.fallback_rows
+        self._touch(slots, now, flat.numel() - stats.filtered - stats.overflowed)
+        return InsertResult(
+            slots.view(ids.shape),
+            fallback.view(ids.shape),
+            new_slots,
+            evicted,
+            self.capacity,
+            stats,
+        )
+
+    @torch.no_grad()
+    def expire(self, now: int, ttl: int) -> Freed:
+        """Free every row with `now - last_seen >= ttl`; returns the freed rows and IDs."""
+        cutoff = min(max(now - ttl, _I64.min), _I64.max)
+        rows = (self.live & (self.last_seen <= cutoff)).nonzero().squeeze(1)
+        return self._free_rows(rows)
+
+    def live_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, slots) of every live row, slots ascending: what an export writes."""
+        rows = self.live.nonzero().squeeze(1)
+        return self.row_ids.index_select(0, rows), rows
+
+    # ---- internals ---------------------------------------------------------------------
+
+    @staticmethod
+    def _wanted(
+        admit_mask: AdmitMask,
+        miss: torch.Tensor,
+        miss_ids: torch.Tensor,
+        inverse: torch.Tensor,
+        num_uniq: int,
+    ) -> torch.Tensor | None:
+        """Which distinct missing IDs are admitted (any occurrence admitted); None = all."""
+        if admit_mask is None:
+            return None
+        if callable(admit_mask):
+            admit = admit_mask(miss_ids).to(torch.bool)
+        else:
+            admit = admit_mask.reshape(-1).to(torch.bool).index_select(0, miss)
+        return torch.zeros(num_uniq, dtype=torch.bool).index_fill_(0, inverse[admit], True)
+
+    def _touch(self, slots: torch.Tensor, now: int | torch.Tensor, served: int) -> None:
+        """Stamp the last-seen time and count one access on every row the batch used."""
+        rows = slots if served == slots.numel() else slots[slots >= 0]
+        if isinstance(now, torch.Tensor) and now.numel() > 1:
+            times = now.reshape(-1).to(torch.int64)
+            times = times if served == slots.numel() else times[slots >= 0]
+            self.last_seen.scatter_reduce_(0, rows, times, "amax")
+        else:
+            self.last_seen.index_fill_(0, rows, int(now))
+        self.counts.scatter_add_(0, rows, torch.ones_like(rows))
+
+    def _occupy(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        self.row_ids.index_copy_(0, rows, ids)
+        self.live.index_fill_(0, rows, True)
+        self.last_seen.index_fill_(0, rows, _I64.min)
+        self.counts.index_fill_(0, rows, 0)
+        self._place(ids, rows)
+
+    def _pop_free(self, n: int) -> torch.Tensor:
+        top = int(self.num_free)
+        self.num_free -= n
+        return self.free[top - n : top].flip(0).to(torch.int64)
+
+    def _make_room(
+        self, wanted: int, batch_slots: torch.Tensor, stats: MapStats
+    ) -> tuple[torch.Tensor, Freed]:
+        """Rows for `wanted` new IDs, freeing or adding rows by policy; may return fewer."""
+        evicted = Freed(_empty_ids(), _empty_ids())
+        short = wanted - int(self.num_free)
+        if short > 0 and self.policy == "grow":
+            capacity = self.capacity
+            while capacity - self.num_live < wanted:
+                capacity *= 2
+                stats.grown += 1
+            self._grow(capacity)
+        elif short > 0 and self.policy in ("evict_lru", "evict_lfu"):
+            extra = math.ceil(self.evict_chunk * self.capacity)
+            evicted = self._evict(short + extra, batch_slots)
+            if self.policy == "evict_lru":
+                stats.evicted_lru = evicted.slots.numel()
+            else:
+                stats.evicted_lfu = evicted.slots.numel()
+        return self._pop_free(min(wanted, int(self.num_free))), evicted
+
+    def _evict(self, target: int, batch_slots: torch.Tensor) -> Freed:
+        """Free up to `target` rows: least recently seen first (LRU), or least often seen,
+        then least recently (LFU); ties go to the lower slot.
+
+        Rows the current batch reads are never candidates (they are marked dead for the
+        selection), so a batch never sees its own rows taken away.
+        """
+        used = batch_slots[batch_slots >= 0]
+        self.live.index_fill_(0, used, False)
+        scores = [self.last_seen] if self.policy == "evict_lru" else [self.counts, self.last_seen]
+        rows = self._lowest(scores, target)
+        self.live.index_fill_(0, used, True)
+        return self._free_rows(rows)
+
+    def _lowest(self, scores: list[torch.Tensor], target: int) -> torch.Tensor:
+        """The `target` live rows lowest by (scores..., slot), exactly."""
+        rows, bound = self._candidates(scores[0], target)
+        target = min(target, rows.numel())
+        chosen = []
+        for score in scores:
+            if target in (0, rows.numel()):
+                break
+            value = score.index_select(0, rows)
+            if bound is not None and int((value < bound).sum()) < target:
+                kth = bound  # every value is <= bound, so the target-th smallest is bound
+            else:
+                kth = value.kthvalue(target).values
+            below = value < kth
+            chosen.append(rows[below])
+            target -= int(below.sum())
+            rows, bound = rows[value == kth], None
+        chosen.append(rows[:target])
+        return torch.cat(chosen)
+
+    def _candidates(self, score: torch.Tensor, target: int) -> tuple[torch.Tensor, int | None]:
+        """Live rows with `score <= bound`, a bound from a strided sample that ~1.2x `target`
+        rows fall under, so the exact selection skips most rows; all live rows (and no
+        bound) if too few fall under.
+        """
+        stride = max(1, self.capacity // SAMPLE)
+        sample = score[::stride][self.live[::stride]]
+        fraction = target / max(1, self.num_live)
+        if fraction < 1 and sample.numel():
+            k = min(sample.numel(), int(1.2 * fraction * sample.numel()) + 16)
+            bound = int(sample.kthvalue(k).values)
+            rows = (self.live & (score <= bound)).nonzero().squeeze(1)
+            if rows.numel() >= target:
+                return rows, bound
+        return self.live.nonzero().squeeze(1), None
+
+    def _free_rows(self, rows: torch.Tensor) -> Freed:
+        ids = self.row_ids.index_select(0, rows)
+        if rows.numel():
+            self.vals.index_fill_(0, self.row_pos.index_select(0, rows), EMPTY)
+            self.live.index_fill_(0, rows, False)
+            top = int(self.num_free)
+            self.free[top : top + rows.numel()] = rows.flip(0).to(torch.int32)
+            self.num_free += rows.numel()
+        return Freed(rows, ids)
+
+    def _grow(self, capacity: int) -> None:
+        """Add rows [old, capacity); existing rows keep their slots."""
+        old = self.capacity
+        extra = capacity - old
+
+        def extend(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, torch.zeros(extra, dtype=t.dtype)])
+
+        self.row_ids, self.row_pos = extend(self.row_ids), extend(self.row_pos)
+        self.last_seen, self.counts = extend(self.last_seen), extend(self.counts)
+        self.live = extend(self.live)
+        top = int(self.num_free)
+        new_free = torch.arange(capacity - 1, old - 1, -1, dtype=torch.int32)
+        self.free = torch.cat([new_free, self.free[:top]])
+        self.num_free += extra
+        if self._key_slots_for(capacity) > self.keys.numel():
+            self._rehash(self._key_slots_for(capacity))
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object, **kwargs: object
+    ) -> None:
+        """Take the checkpoint's sizes, so a map that grew restores into a fresh one."""
+        for name, buf in self._buffers.items():
+            incoming = state_dict.get(prefix + name)
+            if buf is not None and incoming is not None and incoming.shape != buf.shape:
+                self._buffers[name] = torch.empty_like(incoming)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"capacity={self.capacity}, policy={self.policy}, key_slots={self.keys.numel()}, "
+            f"live={self.num_live}"
+        )
