@@ -4,7 +4,7 @@ Buckets, not ranks, are the unit of ownership: `bucket_of` never depends on the 
 and `owner_of` gives each rank a contiguous range of buckets, so going from W to 2W ranks
 splits every range in two and moves whole buckets; no ID is rehashed.
 
-`hash64` is the splitmix64 finalizer in wrapping int64 torch arithmetic. Ownership, the ID
+`hash64` is `tables.hashing`'s salted splitmix64 with a salt per seed. Ownership, the ID
 map and the frequency filter each hash with their own seed, so the bits that pick a rank
 are independent of the bits that pick a hash slot (otherwise every ID on a rank would land
 in the same part of that rank's hash array).
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
-_MUL1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_MUL2 = -7723592293110705685  # 0x94D049BB133111EB
+from tables.hashing import hash64 as salted_hash
+from tables.hashing import mix64_int, to_int64
+
 OWNERSHIP_SEED = 0x0DDBA11
 
 
@@ -26,12 +26,8 @@ def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def hash64(ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A bijective, well-mixed int64 -> int64 hash (splitmix64 of `ids + seed * golden`)."""
-    offset = ((seed + 1) * _GOLDEN) % (1 << 64)
-    x = ids.to(torch.int64) + (offset - (1 << 64) if offset >= 1 << 63 else offset)
-    x = (x ^ _shr(x, 30)) * _MUL1
-    x = (x ^ _shr(x, 27)) * _MUL2
-    return x ^ _shr(x, 31)
+    """A bijective, well-mixed int64 -> int64 hash, one independent function per seed."""
+    return salted_hash(ids.to(torch.int64), to_int64(mix64_int(seed + 1)))
 
 
 def bucket_of(ids: torch.Tensor, num_buckets: int) -> torch.Tensor:

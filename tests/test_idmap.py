@@ -24,9 +24,12 @@ EDGE_IDS = [I64_MIN, I64_MIN + 1, I64_MAX, I64_MAX - 1, -1, 0, 1, 2**32, -(2**32
 
 
 def splitmix64(x: int, seed: int = 0) -> int:
-    """Pure-Python splitmix64 finalizer, signed result."""
+    """Pure-Python splitmix64 finalizer of x XOR the seed's own splitmix64, signed result."""
     mask = (1 << 64) - 1
-    z = (x + (seed + 1) * 0x9E3779B97F4A7C15) & mask
+    z = (seed + 1) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z = (x ^ z ^ (z >> 31)) & mask
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     z ^= z >> 31
