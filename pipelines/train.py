@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 import yaml
+from ray.experimental import tqdm_ray
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -122,6 +124,8 @@ def train(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
             "run_dir": str(run_dir),
             "skipped_rows": skipped.total,
             "has_valid": cutoff is not None,
+            # Ray's tqdm renders rank 0's bar on this (the driver's) terminal.
+            "progress_bar": sys.stderr.isatty(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -275,6 +279,10 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     convert = BatchConverter(cfg.features)
     meter = _Progress(run_dir, world)
+    bar = None
+    if rank == 0 and loop_config.get("progress_bar"):
+        bar = tqdm_ray.tqdm(desc=f"train {cfg.name}", unit="step")
+        bar.update(progress["step"])
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid") if loop_config["has_valid"] else None
     last_metrics: dict[str, Any] = {}
@@ -297,6 +305,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             progress = {"step": progress["step"] + 1, "epoch": epoch, "batches_in_epoch": i + 1}
             meter.add(logits, batch.labels, float(loss))
+            if bar is not None:
+                bar.update(1)
             step = progress["step"]
             if step % cfg.train.log_every == 0:
                 last_metrics = meter.snapshot(step, epoch)
@@ -310,6 +320,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
             break
 
+    if bar is not None:
+        bar.close()
     final = {**meter.snapshot(progress["step"], progress["epoch"])} if meter.labels else {}
     if valid_shard is not None:
         valid = _gather_predictions(dmp, valid_shard, cfg, device)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,24 +43,59 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
     env.pop("RAY_ADDRESS", None)
     # Loopback test cluster: no token auth, whatever token a developer's ~/.ray holds.
     env["RAY_AUTH_MODE"] = "disabled"
-    started = _ray(
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={_free_port()}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        "--num-cpus=4",
-        "--disable-usage-stats",
-        f"--temp-dir={tmp_path_factory.mktemp('ray')}",
+    # `--block` keeps the head in this process group, so stopping it stops this cluster
+    # only (`ray stop` would kill every Ray on the machine, other users' included).
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={_free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=4",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp_path_factory.mktemp('ray')}",
+        ],
         env=env,
-        timeout=180,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    assert started.returncode == 0, started.stdout + started.stderr
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        _wait_for_jobs_api(address, head)
+        yield address, env
     finally:
-        _ray("stop", "--force", env=env, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _wait_for_jobs_api(address: str, head: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, f"ray start --head exited with {head.returncode}"
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the Jobs API at {address} did not come up in {timeout} s")
+
+
+def _submit_when_agent_is_up(*args: str, env: dict[str, str], timeout: float):
+    """`ray job submit`, retried while the new head's job agent is still starting."""
+    for _ in range(30):
+        submitted = _ray(*args, env=env, timeout=timeout)
+        if "No available agent" not in submitted.stderr + submitted.stdout:
+            return submitted
+        time.sleep(2)
+    return submitted
 
 
 def test_submitted_training_job_trains_and_checkpoints(cluster, repo: Path, tmp_path) -> None:
@@ -75,7 +113,7 @@ def test_submitted_training_job_trains_and_checkpoints(cluster, repo: Path, tmp_
     ]
     generate(load_config(repo / "conf" / "demo.yaml", overrides), rows=8_000, out=log)
     runtime_env = {"excludes": [".venv", ".git", "out", "runs", "data", "*.egg-info"]}
-    submitted = _ray(
+    submitted = _submit_when_agent_is_up(
         "job",
         "submit",
         f"--address={address}",
