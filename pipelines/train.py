@@ -10,11 +10,14 @@ trains on its equal share of the stream. Progress goes to the log (rank 0), to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,9 @@ import ray.train
 import torch
 import torch.distributed as dist
 import yaml
-from ray.experimental import tqdm_ray
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from tqdm import tqdm
 
 from pipelines.build import build_model, load_vocabularies, save_vocabularies
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
@@ -124,8 +127,6 @@ def train(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
             "run_dir": str(run_dir),
             "skipped_rows": skipped.total,
             "has_valid": cutoff is not None,
-            # Ray's tqdm renders rank 0's bar on this (the driver's) terminal.
-            "progress_bar": sys.stderr.isatty(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -136,7 +137,8 @@ def train(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    with _progress_bar(run_dir / METRICS_FILE, enabled=sys.stderr.isatty()):
+        result = trainer.fit()
     summary = {
         "run_dir": str(run_dir),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -238,6 +240,47 @@ def _gather_predictions(
     return merged
 
 
+@contextlib.contextmanager
+def _progress_bar(metrics: Path, enabled: bool) -> Iterator[None]:
+    """On a terminal, a bar on the driver that follows rank 0's `metrics.jsonl`.
+
+    The workers' own output reaches the driver line by line, which no bar survives; the
+    metrics file is what rank 0 writes at every log interval anyway.
+    """
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+    start = metrics.stat().st_size if metrics.exists() else 0
+
+    def follow() -> None:
+        with tqdm(desc=f"train {metrics.parent.name}", unit="step") as bar:
+            offset = start
+            while not stop.wait(1.0):
+                if not metrics.exists():
+                    continue
+                with metrics.open() as f:
+                    f.seek(offset)
+                    lines = f.readlines()
+                    offset = f.tell()
+                for line in lines:
+                    record = json.loads(line)
+                    if "step" in record:
+                        bar.update(record["step"] - bar.n)
+                        bar.set_postfix({k: f"{record[k]:.4g}" for k in _BAR_FIELDS if k in record})
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+_BAR_FIELDS = ("loss", "running_auc", "examples_per_s")
+
+
 def _report(metrics: dict[str, Any], model: Any, optimizer: Any, progress: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), model, optimizer, progress)
@@ -279,10 +322,6 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     convert = BatchConverter(cfg.features)
     meter = _Progress(run_dir, world)
-    bar = None
-    if rank == 0 and loop_config.get("progress_bar"):
-        bar = tqdm_ray.tqdm(desc=f"train {cfg.name}", unit="step")
-        bar.update(progress["step"])
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid") if loop_config["has_valid"] else None
     last_metrics: dict[str, Any] = {}
@@ -305,8 +344,6 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             progress = {"step": progress["step"] + 1, "epoch": epoch, "batches_in_epoch": i + 1}
             meter.add(logits, batch.labels, float(loss))
-            if bar is not None:
-                bar.update(1)
             step = progress["step"]
             if step % cfg.train.log_every == 0:
                 last_metrics = meter.snapshot(step, epoch)
@@ -320,8 +357,6 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
             break
 
-    if bar is not None:
-        bar.close()
     final = {**meter.snapshot(progress["step"], progress["epoch"])} if meter.labels else {}
     if valid_shard is not None:
         valid = _gather_predictions(dmp, valid_shard, cfg, device)

@@ -424,11 +424,13 @@ def _ctr_plan(cfg: ExperimentConfig, synth: CtrSyntheticConfig) -> _CtrPlan:
             "data.synthetic: family 'ctr' writes no behaviour sequences; "
             "use family 'sequence' or drop features.sequences"
         )
-    names = [f.name for f in feats.sparse]
+    # The user_id column may also be read as an ID feature; it is drawn as the user.
+    item_features = [f for f in feats.sparse if f.name != feats.user_id]
+    names = [f.name for f in item_features]
     sizes = vocab_sizes(synth, names)
     sparse = [
         _SparseSpec(f.name, sizes[f.name], f.multi_valued, salt(synth.seed, "ctr", f.name))
-        for f in feats.sparse
+        for f in item_features
     ]
     rng = np.random.default_rng([synth.seed, 1])
     all_pairs = list(combinations(range(len(sparse)), 2))
@@ -645,7 +647,8 @@ class _SeqPlan:
 def _seq_plan(cfg: ExperimentConfig, synth: SequenceSyntheticConfig) -> _SeqPlan:
     feats = cfg.features
     roles = {synth.item_feature: "item", synth.category_feature: "category"}
-    extra = [f.name for f in feats.dense] + [f.name for f in feats.sparse if f.name not in roles]
+    extra = [f.name for f in feats.dense]
+    extra += [f.name for f in feats.sparse if f.name not in roles and f.name != feats.user_id]
     if extra:
         raise ConfigError(
             f"data.synthetic: family 'sequence' generates only {sorted(roles)}, "

@@ -147,6 +147,18 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
     assert not read_log(tmp_path / "a").equals(read_log(tmp_path / "c"))
 
 
+def test_user_id_read_as_an_id_feature_is_still_the_user(tmp_path: Path) -> None:
+    """Declaring user_id among the sparse features changes what a model reads, not the log."""
+    cfg = ctr_config("data.synthetic.days=1")
+    data = cfg.model_dump()
+    data["features"]["sparse"].insert(0, {"name": "user_id"})
+    data["tables"][0]["features"].insert(0, "user_id")
+    as_feature = ExperimentConfig.model_validate(data)
+    generate(cfg, rows=2_000, out=tmp_path / "a")
+    generate(as_feature, rows=2_000, out=tmp_path / "b")
+    assert read_log(tmp_path / "a").equals(read_log(tmp_path / "b"))
+
+
 def test_sequence_generation_is_deterministic(tmp_path: Path) -> None:
     cfg = seq_config("data.synthetic.days=2")
     generate(cfg, rows=400, out=tmp_path / "a")
