@@ -32,16 +32,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import os
 import resource
-import socket
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from harness import init_single_rank_group, interleaved
 from torch import Tensor, nn
 from torchrec import (
     EmbeddingBagCollection,
@@ -218,32 +215,6 @@ def embedding_step(dmp: DistributedModelParallel) -> Callable[[Batch], None]:
     return step
 
 
-def interleaved(
-    steps: dict[str, Callable[[Batch], None]], batches: list[Batch], blocks: int, per_block: int
-) -> dict[str, float]:
-    """Median examples/s per name over `blocks` alternating blocks of `per_block` steps."""
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():  # warm-up: first-call allocations, lazy init
-        step(batches[0])
-    for block in range(blocks):
-        order = list(steps) if block % 2 == 0 else list(reversed(steps))
-        for name in order:
-            start = time.perf_counter()
-            for i in range(per_block):
-                steps[name](batches[(block * per_block + i) % len(batches)])
-            rates[name].append(per_block * BATCH / (time.perf_counter() - start))
-    return {name: statistics.median(r) for name, r in rates.items()}
-
-
-def init_single_rank_group() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-
-
 def shard(module: nn.Module) -> DistributedModelParallel:
     return shard_model(
         module,
@@ -311,8 +282,9 @@ def main() -> None:
         pooling = get_unwrapped_module(models[name]).pooling
         pooling.use_supernet(torch.Generator().manual_seed(2))
     train = {k: train_step(m, optimizer_for(m)) for k, m in models.items()}
-    full = interleaved(train, batches, blocks, per_block)
-    emb = interleaved({k: embedding_step(m) for k, m in models.items()}, batches, blocks, per_block)
+    full = interleaved(train, batches, blocks, per_block, BATCH)
+    embedding = {k: embedding_step(m) for k, m in models.items()}
+    emb = interleaved(embedding, batches, blocks, per_block, BATCH)
     dist.destroy_process_group()
 
     ratio = {k: full[k] / full["plain"] for k in ("ec", "pooled")}

@@ -10,6 +10,7 @@ architecture fixed at build time, never on tensor values.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -45,28 +46,30 @@ class DLRM(CtrModel):
     The bottom MLP maps dense features to one more embedding-width vector; the top MLP sees
     that vector plus all pairwise dot products of [bottom_out, e_1, ..., e_F]. Without dense
     features there is no bottom MLP and only the embeddings interact.
+
+    The dot interaction needs vectors of one width: the bottom MLP's output width, or
+    without dense features the largest width dividing every embedding's. An embedding k
+    times as wide (multiplexed probes or quotient-remainder chunks, concatenated) enters as
+    its k consecutive chunks, each a vector of its own, rather than through a learned
+    projection: no parameters are added and each chunk keeps its own interactions.
     """
 
     def __init__(self, cfg: ModelConfig, num_dense: int, sparse_dims: list[int]) -> None:
         super().__init__(cfg, num_dense, sparse_dims)
-        if len(set(sparse_dims)) != 1:
+        dim = cfg.dense_arch[-1] if num_dense > 0 else math.gcd(*sparse_dims)
+        if any(d % dim for d in sparse_dims):
             raise ValueError(
-                "dlrm: the dot interaction needs one embedding dim for all features, "
-                f"got embedding dims {sparse_dims}"
+                f"dlrm: the dot interaction cuts embeddings into vectors of dense_arch's "
+                f"last width {dim}; every embedding dim must be a multiple of it, got "
+                f"dense_arch={cfg.dense_arch} and embedding dims {sparse_dims}"
             )
-        dim = sparse_dims[0]
-        if num_dense > 0 and cfg.dense_arch[-1] != dim:
-            raise ValueError(
-                f"dlrm: dense_arch must end at the embedding dim {dim} for the dot "
-                f"interaction, got dense_arch={cfg.dense_arch} (embedding dims {sparse_dims})"
-            )
-        num_vectors = len(sparse_dims) + (1 if num_dense > 0 else 0)
+        self.num_chunks = sum(sparse_dims) // dim
+        num_vectors = self.num_chunks + (1 if num_dense > 0 else 0)
         if num_vectors < 2:
             raise ValueError(
                 "dlrm: the dot interaction needs at least two vectors; with no dense "
                 "features give it at least two sparse features"
             )
-        self.num_features = len(sparse_dims)
         self.dim = dim
         self.bottom = MLP(num_dense, cfg.dense_arch, cfg.dropout) if num_dense > 0 else None
         self.interaction = DotInteraction(num_vectors)
@@ -74,7 +77,7 @@ class DLRM(CtrModel):
         self.top = MLP(top_in, [*cfg.over_arch, 1], cfg.dropout, relu_last=False)
 
     def forward(self, dense: Tensor, embeddings: Tensor) -> Tensor:
-        fields = embeddings.unflatten(1, (self.num_features, self.dim))
+        fields = embeddings.unflatten(1, (self.num_chunks, self.dim))
         if self.bottom is None:
             features = self.interaction(fields)
         else:

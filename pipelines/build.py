@@ -11,7 +11,7 @@ from models.ctr import build_ctr_model
 from models.ranking import RankingModel
 from pipelines.checkpoint import load_model_weights
 from recsys.config import ExperimentConfig, load_config
-from tables.pooled import PooledEmbeddings, make_transform, table_specs
+from tables.pooled import PooledEmbeddings, make_transforms, table_specs
 
 VOCAB_FILE = "vocabularies.npz"
 
@@ -36,7 +36,7 @@ def build_model(
     """Tables on `table_device` (meta: DMP materializes only the local shards); ID
     transforms and dense layers on the CPU, where their buffers and weights are real."""
     specs = table_specs(cfg, vocabularies)
-    transforms = {s.name: make_transform(s, vocabularies.get(s.name)) for s in specs}
+    transforms = make_transforms(cfg, specs, vocabularies)
     sparse = PooledEmbeddings(specs, transforms, device=table_device)
     dense = build_ctr_model(cfg.model, len(cfg.features.dense), sparse.feature_dims)
     return RankingModel(sparse, dense)

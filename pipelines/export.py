@@ -1,8 +1,9 @@
 """`recsys export`: a trained run -> a directory a serving system loads without this code.
 
-Tables are written row-sorted by `id` (vocabulary IDs for full tables, bucket numbers for
-hashed ones), so a reader maps IDs with one binary search; the dense architecture is a
-`torch.export` program with a dynamic batch dimension.
+Tables are written row-sorted by `id` (vocabulary IDs for full tables, row numbers for
+hashed ones), so a reader maps IDs with one binary search; multiplexed and
+quotient-remainder tables also write each feature's hash salts (see recsys.export_format).
+The dense architecture is a `torch.export` program with a dynamic batch dimension.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from pipelines.build import load_trained
 from recsys.export_format import (
     DENSE_PROGRAM,
     FORMAT_VERSION,
+    HASH,
     MANIFEST,
     ROWS_PER_FILE,
     embedding_table,
 )
+from tables.multiplexed import VirtualFeatureTransform
+from tables.pooled import TableSpec
 from tables.transforms import VocabularyLookup
 
 
@@ -43,6 +47,20 @@ def _write_table(out: Path, name: str, ids: np.ndarray, rows: np.ndarray, dtype:
     return files
 
 
+def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[str, Any]:
+    """The manifest fields that let serving recompute each feature's rows from raw IDs."""
+    probes = transform.hash_probes()
+    return {
+        "lookup": "hash",
+        "hash": HASH,
+        "num_rows": spec.num_rows,
+        "probes": {
+            feature: [probes[key]._asdict() for key in keys]
+            for feature, keys in zip(spec.features, spec.lookups, strict=True)
+        },
+    }
+
+
 def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
     cfg, model, progress = load_trained(run)
     dtype = dtype or cfg.export.dtype
@@ -51,7 +69,7 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
     tables = []
     for spec in model.sparse.specs:
         weights = _table_rows(model, spec.name)
-        transform = model.sparse.transforms[spec.name]
+        transform = model.sparse.transforms[spec.transform]
         entry: dict[str, Any] = {
             "name": spec.name,
             "variant": spec.variant,
@@ -65,6 +83,10 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
             rows = weights[1:]
             entry["lookup"] = "id"
             entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()
+        elif isinstance(transform, VirtualFeatureTransform):
+            ids = np.arange(spec.num_rows, dtype=np.int64)
+            rows = weights
+            entry.update(_hash_lookup(spec, transform))
         else:
             ids = np.arange(spec.num_rows, dtype=np.int64)
             rows = weights

@@ -65,6 +65,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(train(cfg, address=args.address), indent=2, default=str))
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    import importlib
+
+    cfg = load_config(args.config, args.overrides)
+    sweep = importlib.import_module("pipelines.sweep").sweep
+    budgets = [float(b) for b in args.budgets.split(",")]
+    variants = [v.strip() for v in args.variants.split(",")]
+    points = sweep(cfg, budgets, variants, args.out, address=args.address)
+    print(json.dumps(points, indent=2, default=float))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     import importlib
 
@@ -146,6 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)",
     )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "sweep", help="train table variants at parameter budgets; AUC/logloss frontier plot"
+    )
+    with_config(p)
+    p.add_argument(
+        "--budgets",
+        default="0.01,0.05,0.25",
+        help="fractions of the full per-feature tables' parameters (default 0.01,0.05,0.25)",
+    )
+    p.add_argument(
+        "--variants",
+        default="hash,multiplexed,qr,full",
+        help="table variants to train (default hash,multiplexed,qr,full; full trains once)",
+    )
+    p.add_argument("--out", required=True, help="directory for runs, frontier.csv, frontier.png")
+    p.add_argument("--address", help="Ray cluster address (default: as for train)")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("evaluate", help="AUC, GAUC, logloss, NE, calibration of a trained run")
     p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")

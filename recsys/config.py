@@ -122,15 +122,24 @@ class TableConfig(_Strict):
 
     `shared: false` (default) gives each feature its own table, named after the feature;
     `shared: true` makes the features read one table called `name`.
+
+    Variants: `full` (a vocabulary row per ID), `hash` (the hashing trick), `multiplexed`
+    (Unified Embedding: all the group's features read one table called `name`, each with its
+    own hash functions, `probes` lookups per feature concatenated into a `probes * dim`
+    embedding) and `qr` (the quotient-remainder trick: each feature reads two tables,
+    `<table>@q` and `<table>@r`, of `num_embeddings` rows together, concatenated to 2 * dim).
     """
 
     name: str | None = None
     features: list[str]
     shared: bool = False
-    variant: Literal["full", "hash"] = "full"
-    # full: optional cap on vocabulary rows; hash: required number of buckets.
+    variant: Literal["full", "hash", "multiplexed", "qr"] = "full"
+    # full: optional cap on vocabulary rows; hash: buckets per table; multiplexed: rows of
+    # the shared table; qr: rows per feature over its two tables.
     num_embeddings: PositiveInt | None = None
     embedding_dim: PositiveInt = 64
+    # multiplexed: lookups per feature, one number for all or per feature (others get 1).
+    probes: PositiveInt | dict[str, PositiveInt] | None = None
     # full: IDs seen fewer times than this in the training logs go to the OOV row.
     min_count: PositiveInt = 1
     pooling: Literal["sum", "mean"] = "sum"
@@ -142,22 +151,55 @@ class TableConfig(_Strict):
             raise ValueError("a table needs at least one feature")
         if self.shared and not self.name:
             raise ValueError("shared: true needs a table name")
-        if not self.shared and self.name and len(self.features) > 1:
+        if not self.shared and self.name and len(self.features) > 1 and not self._multiplexed:
             raise ValueError(
                 "name is only for shared tables or single-feature tables; "
                 "unshared tables are named after their features"
             )
-        if self.variant == "hash" and self.num_embeddings is None:
-            raise ValueError("variant 'hash' needs num_embeddings (the number of buckets)")
+        needs = {
+            "hash": "the number of buckets",
+            "multiplexed": "the rows of the shared table",
+            "qr": "the rows per feature over its two tables",
+        }
+        if self.variant in needs and self.num_embeddings is None:
+            raise ValueError(
+                f"variant {self.variant!r} needs num_embeddings ({needs[self.variant]})"
+            )
+        if self._multiplexed and not self.name:
+            raise ValueError("variant 'multiplexed' needs a name for its shared table")
+        if self.variant == "qr":
+            if self.shared:
+                raise ValueError("variant 'qr' gives every feature its own tables: not shared")
+            if self.num_embeddings is not None and self.num_embeddings < 2:
+                raise ValueError("variant 'qr' needs num_embeddings >= 2 (one row per table)")
+        if self.probes is not None and not self._multiplexed:
+            raise ValueError(f"probes is only for variant 'multiplexed', not {self.variant!r}")
+        if isinstance(self.probes, dict):
+            unknown = sorted(self.probes.keys() - set(self.features))
+            if unknown:
+                raise ValueError(f"probes names features not in this table: {unknown}")
         return self
 
+    @property
+    def _multiplexed(self) -> bool:
+        return self.variant == "multiplexed"
+
     def table_names(self) -> dict[str, str]:
-        """Feature name -> table name for the features of this group."""
-        if self.shared:
+        """Feature name -> table name for the features of this group.
+
+        A `qr` feature's two tables are `<name>@q` and `<name>@r` of the name given here.
+        """
+        if self.shared or self._multiplexed:
             return {f: self.name for f in self.features}  # type: ignore[misc]
         if self.name:
             return {self.features[0]: self.name}
         return {f: f for f in self.features}
+
+    def probes_of(self, feature: str) -> int:
+        """Lookups `feature` makes into a multiplexed table (1 for the other variants)."""
+        if isinstance(self.probes, dict):
+            return self.probes.get(feature, 1)
+        return self.probes or 1
 
 
 # --------------------------------------------------------------------------- model
@@ -300,6 +342,7 @@ class ExperimentConfig(_Strict):
             if missing:
                 raise ValueError(f"sparse features without a table: {missing}")
         if self.model.name == "dlrm" and self.tables:
+            # Wider embeddings (probes, qr) enter models.ctr.DLRM as embedding_dim chunks.
             dims = {t.embedding_dim for t in self.tables}
             if len(dims) > 1:
                 raise ValueError(f"model 'dlrm' needs one embedding_dim for all tables, got {dims}")
@@ -307,6 +350,18 @@ class ExperimentConfig(_Strict):
                 raise ValueError(
                     f"model 'dlrm': dense_arch must end at the embedding_dim {dims.pop()} "
                     f"(got {self.model.dense_arch[-1]}) for the dot interaction"
+                )
+        hashed = {
+            f: t.variant
+            for t in self.tables
+            if t.variant in ("multiplexed", "qr")
+            for f in t.features
+        }
+        for seq in self.features.sequences:
+            if seq.target in hashed:
+                raise ValueError(
+                    f"sequence {seq.name!r}: its target {seq.target!r} is in a "
+                    f"{hashed[seq.target]!r} table, which sequence lookups do not support"
                 )
         synth = self.data.synthetic
         if isinstance(synth, SequenceSyntheticConfig):

@@ -3,6 +3,13 @@
 A directory with `manifest.json`, Parquet tables of `id: int64` and
 `embedding: fixed_size_list<float32 | float16 | int8>` (int8 rows carry `scale` and `bias`:
 x = (q + 128) * scale + bias), and the dense model as a `torch.export` program.
+
+Each table entry's `lookup` says how a raw ID finds its `id`: `"id"` (the raw ID itself),
+`"modulo"` (raw ID mod `num_rows`) or, since version 2, `"hash"`: the entry's `probes` map
+each feature to a list of {salt, hash_size, divisor}, and probe p reads
+id = (`recsys.hashing.bucket`(raw ID, salt, hash_size) // divisor) mod `num_rows`.
+A feature's embedding is the concatenation, in manifest table order, of its pooled
+lookups (one per probe), each `dim` wide.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 only adds the "hash" lookup
+HASH = "splitmix64"  # `hash` entries name the function, so that a reader can refuse another
 MANIFEST = "manifest.json"
 DENSE_PROGRAM = "dense.pt2"
 ROWS_PER_FILE = 1_000_000

@@ -2,8 +2,10 @@
 
 Needs only torch, pyarrow and this package's contract code: tables come from Parquet,
 the dense model from its `torch.export` program. Lookups are whole-batch tensor ops: one
-`searchsorted` per feature against the table's sorted IDs, one `embedding_bag` to pool.
-Unknown IDs read the table's default embedding (the OOV row, or zeros for hashed tables).
+`searchsorted` per feature and probe against the table's sorted IDs, one `embedding_bag`
+to pool. Unknown IDs read the table's default embedding (the OOV row, or zeros for hashed
+tables). Hashed lookups (multiplexed, quotient-remainder) first recompute each probe's row
+from the raw IDs with the salts in the manifest and `recsys.hashing`, as training did.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from recsys.batch import BatchConverter
 from recsys.config import FeaturesConfig
-from recsys.export_format import FORMAT_VERSION, MANIFEST, rows_of
+from recsys.export_format import HASH, MANIFEST, READABLE_VERSIONS, rows_of
+from recsys.hashing import bucket
 from recsys.logs import read_validated
 
 
@@ -28,28 +32,60 @@ from recsys.logs import read_validated
 class ServedTable:
     ids: torch.Tensor  # sorted int64
     weights: torch.Tensor  # [rows + 1, dim]; the last row is the default embedding
-    lookup: str  # "id": raw IDs; "modulo": raw ID mod num_rows
+    lookup: str  # "id": raw IDs; "modulo": raw ID mod num_rows; "hash": see `probes`
     num_rows: int
     pooling: str
+    # "hash" lookups: feature -> one (salt, hash_size, divisor) per probe
+    probes: dict[str, list[tuple[int, int, int]]]
 
-    def rows(self, raw_ids: torch.Tensor) -> torch.Tensor:
-        keys = torch.remainder(raw_ids, self.num_rows) if self.lookup == "modulo" else raw_ids
+    def keys(self, feature: str, raw_ids: torch.Tensor) -> list[torch.Tensor]:
+        """The table `id`s each of the feature's lookups reads (one for id/modulo)."""
+        if self.lookup == "id":
+            return [raw_ids]
+        if self.lookup == "modulo":
+            return [torch.remainder(raw_ids, self.num_rows)]
+        return [
+            bucket(raw_ids, salt, size)
+            .div_(divisor, rounding_mode="floor")
+            .remainder_(self.num_rows)
+            for salt, size, divisor in self.probes[feature]
+        ]
+
+    def rows(self, keys: torch.Tensor) -> torch.Tensor:
         if self.ids.numel() == 0:
             return torch.full_like(keys, len(self.weights) - 1)
         pos = torch.searchsorted(self.ids, keys).clamp_(max=self.ids.numel() - 1)
         return torch.where(self.ids[pos] == keys, pos, len(self.weights) - 1)
 
+    def pool(self, feature: str, jagged: JaggedTensor) -> torch.Tensor:
+        """[batch, lookups * dim]: each lookup pooled over the bag, concatenated."""
+        offsets = jagged.offsets()[:-1].long()
+        return torch.cat(
+            [
+                F.embedding_bag(self.rows(keys), self.weights, offsets, mode=self.pooling)
+                for keys in self.keys(feature, jagged.values())
+            ],
+            dim=1,
+        )
+
 
 def _load_table(root: Path, entry: dict) -> ServedTable:
+    if entry["lookup"] == "hash" and entry.get("hash") != HASH:
+        raise ValueError(f"table {entry['name']!r}: unknown hash {entry.get('hash')!r}")
     data = pa.concat_tables([pq.read_table(root / f) for f in entry["files"]])
     rows = rows_of(data)
     default = np.asarray(entry.get("default_embedding") or np.zeros(entry["dim"]), np.float32)
+    probes = {
+        feature: [(p["salt"], p["hash_size"], p["divisor"]) for p in chunks]
+        for feature, chunks in entry.get("probes", {}).items()
+    }
     return ServedTable(
         ids=torch.from_numpy(np.array(data.column("id").to_numpy(), dtype=np.int64)),
         weights=torch.from_numpy(np.vstack([rows, default[None, :]])),
         lookup=entry["lookup"],
         num_rows=entry.get("num_rows", len(rows)),
         pooling=entry["pooling"],
+        probes=probes,
     )
 
 
@@ -62,19 +98,20 @@ class ServingModel:
         if not manifest_path.exists():
             raise FileNotFoundError(f"{root}: no {MANIFEST}; is this an export directory?")
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{manifest_path}: format_version {manifest.get('format_version')} "
-                f"is not {FORMAT_VERSION}"
+                f"is not one of {READABLE_VERSIONS}"
             )
         self.manifest = manifest
         self.features = FeaturesConfig.model_validate(manifest["features"])
         self.sparse_order: list[str] = manifest["input"]["sparse"]
-        self.tables: dict[str, ServedTable] = {}
-        self.feature_table: dict[str, str] = {}
+        # A feature reads its tables in manifest order (a qr feature reads two).
+        self.feature_tables: dict[str, list[ServedTable]] = {}
         for entry in manifest["tables"]:
-            self.tables[entry["name"]] = _load_table(root, entry)
-            self.feature_table.update({f: entry["name"] for f in entry["features"]})
+            table = _load_table(root, entry)
+            for feature in entry["features"]:
+                self.feature_tables.setdefault(feature, []).append(table)
         self.dense = torch.export.load(root / manifest["dense_program"]).module()
         self.convert = BatchConverter(self.features)
 
@@ -82,19 +119,11 @@ class ServingModel:
         """Click probabilities for the rows of a validated Arrow table."""
         batch = self.convert(data)
         per_feature = batch.sparse.to_dict()
-        pooled = []
-        for name in self.sparse_order:
-            table = self.tables[self.feature_table[name]]
-            jagged = per_feature[name]
-            pooled.append(
-                F.embedding_bag(
-                    table.rows(jagged.values()),
-                    table.weights,
-                    jagged.offsets()[:-1].long(),
-                    mode=table.pooling,
-                    include_last_offset=False,
-                )
-            )
+        pooled = [
+            table.pool(name, per_feature[name])
+            for name in self.sparse_order
+            for table in self.feature_tables[name]
+        ]
         with torch.no_grad():
             logits = self.dense(batch.dense, torch.cat(pooled, dim=1))
         return torch.sigmoid(logits).numpy()

@@ -16,12 +16,25 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tables.hashing import derive_salt, mix64_
+from recsys.hashing import derive_salt, mix64_
+
+
+class HashProbe(NamedTuple):
+    """One virtual feature's row, as the export manifest states it for serving.
+
+    row = (bucket(id, salt, hash_size) // divisor) mod rows of the table it reads, where
+    `bucket` is `recsys.hashing.bucket`: the salted splitmix64 taken modulo `hash_size`.
+    """
+
+    salt: int
+    hash_size: int
+    divisor: int
 
 
 class VirtualFeatureTransform(nn.Module):
@@ -59,6 +72,10 @@ class VirtualFeatureTransform(nn.Module):
 
     def _rows_(self, hashed: torch.Tensor, spans: list[tuple[int, int, int]]) -> None:
         """In place: salted hashes -> rows; `spans` holds (virtual feature, start, end)."""
+        raise NotImplementedError
+
+    def hash_probes(self) -> dict[str, HashProbe]:
+        """Every virtual feature's lookup in the terms of the export format (`HashProbe`)."""
         raise NotImplementedError
 
     def expand(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -161,6 +178,13 @@ class MultiplexedTransform(VirtualFeatureTransform):
         """Rows of the table each virtual feature reads: the one shared table."""
         return dict.fromkeys(self.virtual_feature_names, int(self.num_rows))
 
+    def hash_probes(self) -> dict[str, HashProbe]:
+        rows = int(self.num_rows)
+        return {
+            v: HashProbe(salt, rows, 1)
+            for v, salt in zip(self.virtual_feature_names, self.salts.tolist(), strict=True)
+        }
+
     def extra_repr(self) -> str:
         probes = {f: len(v) for f, v in self._virtual.items()}
         return f"num_rows={int(self.num_rows)}, probes={probes}"
@@ -210,6 +234,18 @@ class QuotientRemainderTransform(VirtualFeatureTransform):
         pairs = zip(self.hash_sizes.tolist(), self.remainder_rows.tolist(), strict=True)
         rows = [n for v, m in pairs for n in (math.ceil(v / m), m)]
         return dict(zip(self.virtual_feature_names, rows, strict=True))
+
+    def hash_probes(self) -> dict[str, HashProbe]:
+        """`f@q` divides the hash by m; `f@r` takes it modulo its table's m rows."""
+        sizes = zip(self.hash_sizes.tolist(), self.remainder_rows.tolist(), strict=True)
+        divisors = [d for _, m in sizes for d in (m, 1)]
+        hash_sizes = [v for v in self.hash_sizes.tolist() for _ in range(2)]
+        return {
+            name: HashProbe(salt, size, divisor)
+            for name, salt, size, divisor in zip(
+                self.virtual_feature_names, self.salts.tolist(), hash_sizes, divisors, strict=True
+            )
+        }
 
 
 def shared_table_rows(budget: int, dim: int, num_tables: int = 1) -> int:

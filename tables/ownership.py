@@ -4,7 +4,7 @@ Buckets, not ranks, are the unit of ownership: `bucket_of` never depends on the 
 and `owner_of` gives each rank a contiguous range of buckets, so going from W to 2W ranks
 splits every range in two and moves whole buckets; no ID is rehashed.
 
-`hash64` is `tables.hashing`'s salted splitmix64 with a salt per seed. Ownership, the ID
+`hash64` is `recsys.hashing`'s salted splitmix64 with a salt per seed. Ownership, the ID
 map and the frequency filter each hash with their own seed, so the bits that pick a rank
 are independent of the bits that pick a hash slot (otherwise every ID on a rank would land
 in the same part of that rank's hash array).
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from tables.hashing import hash64 as salted_hash
-from tables.hashing import mix64_int, to_int64
+from recsys.hashing import hash64 as salted_hash
+from recsys.hashing import mix64_int, to_int64
 
 OWNERSHIP_SEED = 0x0DDBA11
 

@@ -64,7 +64,10 @@ def test_overrides_apply_with_yaml_types(tmp_path: Path) -> None:
         (["train.bach_size=3"], "train.bach_size: Extra inputs are not permitted"),
         (["train.batch_size=big"], "train.batch_size: Input should be a valid integer"),
         (["train.batch_size=0"], "train.batch_size: Input should be greater than 0"),
-        (["tables.0.variant=cuckoo"], "tables[0].variant: Input should be 'full' or 'hash'"),
+        (
+            ["tables.0.variant=cuckoo"],
+            "tables[0].variant: Input should be 'full', 'hash', 'multiplexed' or 'qr'",
+        ),
         (["tables.0.num_embeddings=null"], "variant 'hash' needs num_embeddings"),
         (["tables.0.features=[a]"], "sparse features without a table: ['b']"),
         (["tables.0.features=[a, b, zz]"], "'zz' is not a sparse feature"),

@@ -135,7 +135,7 @@ def test_export_with_dynamic_batch_matches_eager(
 
 @pytest.mark.parametrize(
     ("num_dense", "sparse_dims", "named"),
-    [(4, [8, 4], "embedding dims"), (4, [16, 16], "dense_arch"), (0, [8], "two vectors")],
+    [(4, [8, 4], "embedding dims"), (4, [12, 12], "dense_arch"), (0, [8], "two vectors")],
 )
 def test_dlrm_misconfiguration_names_the_cause(num_dense: int, sparse_dims: list[int], named: str):
     with pytest.raises(ValueError, match=named):

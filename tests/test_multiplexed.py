@@ -16,7 +16,7 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tables.hashing import bucket, derive_salt, mix64, mix64_int, to_int64
+from recsys.hashing import bucket, derive_salt, mix64, mix64_int, to_int64
 from tables.multiplexed import (
     MultiplexedTransform,
     QuotientRemainderTransform,

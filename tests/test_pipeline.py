@@ -88,7 +88,9 @@ def test_evaluate_matches_sklearn_on_the_models_predictions(trained) -> None:
     )
     assert report["rows"] == len(labels)
     assert report["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-9)
-    assert report["auc"] == pytest.approx(result["metrics"]["valid_auc"], abs=1e-9)
+    # Training scored the same rows through the sharded model in other batches: float32
+    # sums in another order move probabilities by ulps, and the AUC by up to ~1e-7.
+    assert report["auc"] == pytest.approx(result["metrics"]["valid_auc"], abs=1e-6)
     assert (Path(result["run_dir"]) / "eval" / "report.png").stat().st_size > 10_000
 
 

@@ -1,5 +1,9 @@
 """Seeded 64-bit hashing of int64 ID tensors, stable across processes, machines and devices.
 
+It lives in `recsys` because it is part of the export contract: hashed table variants
+write their salts to the manifest, and the serving loader, which imports nothing from
+`tables`, must compute the very same rows from raw IDs.
+
 The mixer is the splitmix64 finalizer (Stafford's "Mix13"). fbgemm-gpu-cpu 1.8 does ship
 `fbgemm::murmur_hash3`, but it takes a single value per call (it serves zero-collision
 tables) and fails on CPU for larger inputs, so the mixer is written here in whole-tensor
