@@ -63,6 +63,11 @@ def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[st
 
 def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
     cfg, model, progress = load_trained(run)
+    if cfg.model.is_sequence:
+        raise NotImplementedError(
+            f"{run}: model {cfg.model.name!r} is a sequence model; the export format holds "
+            "pooled CTR models only so far"
+        )
     dtype = dtype or cfg.export.dtype
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
