@@ -53,3 +53,30 @@ class SequenceRankingModel(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         return self.model(self.inputs(batch))
+
+
+class FlatSequenceModel(nn.Module):
+    """A sequence model over plain tensors, for `torch.export`: a served program then takes
+    tensors only, and its reader needs no dataclass of this package."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        attention_target: Tensor,
+        attention_history: Tensor,
+        representation_target: Tensor,
+        representation_history: Tensor,
+        offsets: Tensor,
+        other: Tensor | None = None,
+    ) -> Tensor:
+        return self.model(
+            SequenceInputs(
+                EmbeddingSet(attention_target, attention_history),
+                EmbeddingSet(representation_target, representation_history),
+                offsets,
+                other,
+            )
+        )

@@ -200,6 +200,11 @@ class SequenceEmbeddings(nn.Module):
             offsets=offsets,
         )
 
+    def table_of(self, field: Field, role: str) -> SequenceTableSpec:
+        """The table serving `field` in the set `role` (att or rep)."""
+        key = self._key(field, role, target=True)
+        return next(spec for spec in self.specs if key in spec.keys)
+
     def sharding(self) -> dict[str, str]:
         return {s.name: s.sharding for s in self.specs}
 
