@@ -378,3 +378,25 @@ def test_export_round_trip_scores_what_the_model_scores(name: str, tmp_path: Pat
     with torch.no_grad():
         expected = torch.sigmoid(model(BatchConverter(cfg.features)(table))).numpy()
     np.testing.assert_allclose(served, expected, atol=1e-6)
+
+
+def test_dense_and_other_sparse_features_join_the_head() -> None:
+    doc = seq_doc("dare", decoupled=True)
+    doc["features"]["sparse"].append("shop")
+    doc["features"]["dense"] = ["price"]
+    doc["tables"].append(
+        {"features": ["shop"], "variant": "hash", "num_embeddings": 7, "embedding_dim": 4}
+    )
+    cfg = config_from_dict(doc)
+    model = build(cfg)
+    assert model.pooled is not None and "shop" in table_sharding(model)
+    rng = np.random.default_rng(0)
+    table = arrow_log(8, seed=4)
+    table = table.append_column("shop", pa.array(rng.integers(0, 100, 8))).append_column(
+        "price", pa.array(rng.random(8))
+    )
+    batch = BatchConverter(cfg.features)(table)
+    inputs = model.inputs(batch)
+    assert inputs.other is not None and inputs.other.shape == (8, 1 + 4)
+    model(batch).sum().backward()
+    assert model.pooled.ebc.embedding_bags["shop"].weight.grad.abs().sum() > 0
