@@ -9,9 +9,12 @@ import torch
 
 from models.ctr import build_ctr_model
 from models.ranking import RankingModel
+from models.sequence import FieldDims, build_sequence_model
+from models.sequence_ranking import SequenceRankingModel
 from pipelines.checkpoint import load_model_weights
 from recsys.config import ExperimentConfig, load_config
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
+from tables.sequence import ATTENTION, REPRESENTATION, build_sequence_embeddings
 
 VOCAB_FILE = "vocabularies.npz"
 
@@ -32,14 +35,54 @@ def build_model(
     cfg: ExperimentConfig,
     vocabularies: dict[str, np.ndarray],
     table_device: torch.device | None = None,
-) -> RankingModel:
+) -> RankingModel | SequenceRankingModel:
     """Tables on `table_device` (meta: DMP materializes only the local shards); ID
     transforms and dense layers on the CPU, where their buffers and weights are real."""
+    if cfg.model.is_sequence:
+        return build_sequence_ranking(cfg, vocabularies, table_device)
     specs = table_specs(cfg, vocabularies)
     transforms = make_transforms(cfg, specs, vocabularies)
     sparse = PooledEmbeddings(specs, transforms, device=table_device)
     dense = build_ctr_model(cfg.model, len(cfg.features.dense), sparse.feature_dims)
     return RankingModel(sparse, dense)
+
+
+def build_sequence_ranking(
+    cfg: ExperimentConfig,
+    vocabularies: dict[str, np.ndarray],
+    table_device: torch.device | None = None,
+) -> SequenceRankingModel:
+    """Sequence tables for the targets and histories, pooled tables for any other sparse
+    features, and the sequence model over both (dense features join `other`)."""
+    sequence = build_sequence_embeddings(cfg, vocabularies, device=table_device)
+    targets = frozenset(s.target for s in cfg.features.sequences)
+    specs = table_specs(cfg, vocabularies, exclude=targets)
+    pooled = None
+    if specs:
+        transforms = make_transforms(cfg, specs, vocabularies)
+        pooled = PooledEmbeddings(specs, transforms, device=table_device)
+    num_dense = len(cfg.features.dense)
+    other_dim = num_dense + (sum(pooled.feature_dims) if pooled is not None else 0)
+    m = cfg.model
+    representation = FieldDims(*sequence.dims[REPRESENTATION])
+    attention = FieldDims(*sequence.dims[ATTENTION])
+    model = build_sequence_model(
+        m.name,
+        representation,
+        attention_dims=attention if m.name == "dare" else None,
+        other_dim=other_dim,
+        top_k=m.top_k,
+        din_length=m.din_length,
+    )
+    return SequenceRankingModel(sequence, model, pooled, num_dense)
+
+
+def table_sharding(model: RankingModel | SequenceRankingModel) -> dict[str, str]:
+    """Every physical table of the model -> its configured sharding choice."""
+    if isinstance(model, SequenceRankingModel):
+        pooled = model.pooled.specs if model.pooled is not None else []
+        return {**model.sequence.sharding(), **{s.name: s.sharding for s in pooled}}
+    return {s.name: s.sharding for s in model.sparse.specs}
 
 
 def latest_checkpoint(run: Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.build import load_trained
+from pipelines.export_sequence import sequence_program, sequence_tables
 from recsys.export_format import (
     DENSE_PROGRAM,
     FORMAT_VERSION,
@@ -61,11 +63,10 @@ def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[st
     }
 
 
-def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
-    cfg, model, progress = load_trained(run)
-    dtype = dtype or cfg.export.dtype
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _pooled_export(
+    cfg: Any, model: torch.nn.Module, out: Path, dtype: str
+) -> tuple[list[dict[str, Any]], torch.export.ExportedProgram, dict[str, Any]]:
+    """Pooled tables, the dense program over (dense, embeddings) and its input spec."""
     tables = []
     for spec in model.sparse.specs:
         weights = _table_rows(model, spec.name)
@@ -104,15 +105,29 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
     program = torch.export.export(
         model.dense, (example_dense, example_emb), dynamic_shapes=({0: batch}, {0: batch})
     )
+    input_spec = {
+        "dense": [d.name for d in f.dense],
+        "sparse": model.sparse.feature_names,
+        "feature_dims": model.sparse.feature_dims,
+    }
+    return tables, program, input_spec
+
+
+def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
+    cfg, model, progress = load_trained(run)
+    dtype = dtype or cfg.export.dtype
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model.is_sequence:
+        tables = sequence_tables(model, partial(_write_table, out, dtype=dtype), dtype)
+        program, input_spec = sequence_program(cfg, model)
+    else:
+        tables, program, input_spec = _pooled_export(cfg, model, out, dtype)
     torch.export.save(program, out / DENSE_PROGRAM)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "features": f.model_dump(mode="json"),
-        "input": {
-            "dense": [d.name for d in f.dense],
-            "sparse": model.sparse.feature_names,
-            "feature_dims": model.sparse.feature_dims,
-        },
+        "features": cfg.features.model_dump(mode="json"),
+        "input": input_spec,
         "tables": tables,
         "dense_program": DENSE_PROGRAM,
         "training": {

@@ -31,7 +31,7 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
-from pipelines.build import build_model, load_vocabularies, save_vocabularies
+from pipelines.build import build_model, load_vocabularies, save_vocabularies, table_sharding
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.split import validation_cutoff
 from recsys.batch import BatchConverter
@@ -303,7 +303,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     t = cfg.train
     dmp = shard_model(
         model,
-        sharding={s.name: s.sharding for s in model.sparse.specs},
+        sharding=table_sharding(model),
         optimizer=t.sparse_optimizer,
         lr=t.sparse_lr,
         pg=dist.GroupMember.WORLD,

@@ -128,12 +128,15 @@ class TableConfig(_Strict):
     own hash functions, `probes` lookups per feature concatenated into a `probes * dim`
     embedding) and `qr` (the quotient-remainder trick: each feature reads two tables,
     `<table>@q` and `<table>@r`, of `num_embeddings` rows together, concatenated to 2 * dim).
+    `decoupled` (DARE, sequence models' item features only): two tables per name,
+    `<table>@att` of `attention_dim` columns for attention scores and `<table>@rep` of
+    `embedding_dim` for representations, each a `storage` table (`full` or `hash`).
     """
 
     name: str | None = None
     features: list[str]
     shared: bool = False
-    variant: Literal["full", "hash", "multiplexed", "qr"] = "full"
+    variant: Literal["full", "hash", "multiplexed", "qr", "decoupled"] = "full"
     # full: optional cap on vocabulary rows; hash: buckets per table; multiplexed: rows of
     # the shared table; qr: rows per feature over its two tables.
     num_embeddings: PositiveInt | None = None
@@ -144,6 +147,10 @@ class TableConfig(_Strict):
     min_count: PositiveInt = 1
     pooling: Literal["sum", "mean"] = "sum"
     sharding: Sharding = "auto"
+    # decoupled: width of the attention table (default embedding_dim) and the ID transform
+    # both of its tables use (`hash` needs num_embeddings).
+    attention_dim: PositiveInt | None = None
+    storage: Literal["full", "hash"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TableConfig:
@@ -172,6 +179,12 @@ class TableConfig(_Strict):
                 raise ValueError("variant 'qr' gives every feature its own tables: not shared")
             if self.num_embeddings is not None and self.num_embeddings < 2:
                 raise ValueError("variant 'qr' needs num_embeddings >= 2 (one row per table)")
+        if self.variant != "decoupled":
+            for key in ("attention_dim", "storage"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is only for variant 'decoupled', not {self.variant!r}")
+        elif self.storage == "hash" and self.num_embeddings is None:
+            raise ValueError("variant 'decoupled' with storage 'hash' needs num_embeddings")
         if self.probes is not None and not self._multiplexed:
             raise ValueError(f"probes is only for variant 'multiplexed', not {self.variant!r}")
         if isinstance(self.probes, dict):
@@ -179,6 +192,18 @@ class TableConfig(_Strict):
             if unknown:
                 raise ValueError(f"probes names features not in this table: {unknown}")
         return self
+
+    @property
+    def uses_vocabulary(self) -> bool:
+        """Whether its IDs go through a vocabulary built from the training log."""
+        return self.storage_variant == "full"
+
+    @property
+    def storage_variant(self) -> str:
+        """The ID transform of its tables: a decoupled table's storage, else the variant."""
+        if self.variant == "decoupled":
+            return self.storage or "full"
+        return self.variant
 
     @property
     def _multiplexed(self) -> bool:
@@ -205,13 +230,28 @@ class TableConfig(_Strict):
 # --------------------------------------------------------------------------- model
 
 
+SEQUENCE_MODELS = ("din", "twin", "twin_proj", "dare")
+
+
 class ModelConfig(_Strict):
-    name: Literal["dlrm", "deepfm", "dcnv2"] = "dlrm"
+    """CTR models (dlrm, deepfm, dcnv2) read pooled embeddings; sequence models (din,
+    twin, twin_proj, dare) read features.sequences as item, category behaviours."""
+
+    name: Literal["dlrm", "deepfm", "dcnv2", "din", "twin", "twin_proj", "dare"] = "dlrm"
     dense_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256, 64])
     over_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256])
     cross_layers: PositiveInt = 3  # DCN-v2
     cross_low_rank: PositiveInt | None = None  # DCN-v2 low-rank (mixture-free) cross
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    top_k: PositiveInt = 20  # twin, twin_proj, dare: behaviours kept by the search
+    din_length: PositiveInt = 200  # din: the most recent behaviours it attends over
+    # Sequence models: rows of the time-position tables (row 0: the target; row p: the
+    # p-th most recent behaviour; older behaviours share the last row).
+    time_positions: PositiveInt = 256
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.name in SEQUENCE_MODELS
 
 
 # --------------------------------------------------------------------------- data, train
@@ -363,6 +403,7 @@ class ExperimentConfig(_Strict):
                     f"sequence {seq.name!r}: its target {seq.target!r} is in a "
                     f"{hashed[seq.target]!r} table, which sequence lookups do not support"
                 )
+        self._sequence_rules()
         synth = self.data.synthetic
         if isinstance(synth, SequenceSyntheticConfig):
             for key in ("item_feature", "category_feature"):
@@ -379,6 +420,59 @@ class ExperimentConfig(_Strict):
             if unknown:
                 raise ValueError(f"data.synthetic.vocab: unknown sparse features {unknown}")
         return self
+
+    def _sequence_rules(self) -> None:
+        """Sequence models: two behaviour columns (item, category) whose targets are
+        single-valued and in tables of the variant the model reads (decoupled for dare)."""
+        decoupled = {f for t in self.tables if t.variant == "decoupled" for f in t.features}
+        if not self.model.is_sequence:
+            if decoupled:
+                raise ValueError(
+                    f"variant 'decoupled' is for sequence models (din, twin, twin_proj, dare), "
+                    f"not model {self.model.name!r}: features {sorted(decoupled)}"
+                )
+            return
+        name = self.model.name
+        seqs = self.features.sequences
+        if len(seqs) != 2:
+            raise ValueError(
+                f"model {name!r} reads features.sequences as (item, category) behaviours: "
+                f"needs exactly 2, got {len(seqs)}"
+            )
+        if not self.tables:
+            raise ValueError(f"model {name!r} needs tables for its sequence targets")
+        sparse = {f.name: f for f in self.features.sparse}
+        targets = {s.target for s in seqs}
+        for seq in seqs:
+            target = sparse[seq.target]
+            if target.multi_valued or target.allow_null:
+                raise ValueError(
+                    f"sequence {seq.name!r}: its target {seq.target!r} must be single-valued "
+                    "and not null (one candidate per impression)"
+                )
+            if name == "dare" and seq.target not in decoupled:
+                raise ValueError(
+                    f"model 'dare' reads attention and representation tables: the table of "
+                    f"{seq.target!r} needs variant 'decoupled'"
+                )
+            if name != "dare" and seq.target in decoupled:
+                raise ValueError(
+                    f"model {name!r} reads one embedding set: the table of {seq.target!r} "
+                    "cannot be 'decoupled' (that is model 'dare')"
+                )
+        for i, table in enumerate(self.tables):
+            if not targets & set(table.features):
+                continue
+            for key in ("embedding_dim", "attention_dim"):
+                dim = getattr(table, key)
+                if dim is not None and dim % 4:
+                    raise ValueError(
+                        f"tables[{i}]: {key} {dim} is not a multiple of 4, which fbgemm's "
+                        "sharded sequence lookups need"
+                    )
+        stray = sorted(decoupled - targets)
+        if stray:
+            raise ValueError(f"variant 'decoupled' is for sequence targets, not {stray}")
 
     def feature_tables(self) -> dict[str, str]:
         """Every sparse and sequence feature -> the name of the table it reads."""

@@ -26,6 +26,7 @@ from recsys.config import FeaturesConfig
 from recsys.export_format import HASH, MANIFEST, READABLE_VERSIONS, rows_of
 from recsys.hashing import bucket
 from recsys.logs import read_validated
+from recsys.serving_sequence import SequenceServing
 
 
 @dataclass
@@ -105,6 +106,12 @@ class ServingModel:
             )
         self.manifest = manifest
         self.features = FeaturesConfig.model_validate(manifest["features"])
+        self.convert = BatchConverter(self.features)
+        self.sequence: SequenceServing | None = None
+        if manifest["input"].get("kind") == "sequence":
+            tables = {e["name"]: _load_table(root, e) for e in manifest["tables"]}
+            self.sequence = SequenceServing(root, manifest, tables)
+            return
         self.sparse_order: list[str] = manifest["input"]["sparse"]
         # A feature reads its tables in manifest order (a qr feature reads two).
         self.feature_tables: dict[str, list[ServedTable]] = {}
@@ -113,11 +120,12 @@ class ServingModel:
             for feature in entry["features"]:
                 self.feature_tables.setdefault(feature, []).append(table)
         self.dense = torch.export.load(root / manifest["dense_program"]).module()
-        self.convert = BatchConverter(self.features)
 
     def predict_table(self, data: pa.Table) -> np.ndarray:
         """Click probabilities for the rows of a validated Arrow table."""
         batch = self.convert(data)
+        if self.sequence is not None:
+            return torch.sigmoid(self.sequence.logits(batch)).numpy()
         per_feature = batch.sparse.to_dict()
         pooled = [
             table.pool(name, per_feature[name])

@@ -104,9 +104,15 @@ def _specs_of(
     ]
 
 
-def table_specs(cfg: ExperimentConfig, vocabularies: dict[str, np.ndarray]) -> list[TableSpec]:
-    """Physical tables in config order; full tables take their size from the vocabulary."""
-    pooled = {f.name for f in cfg.features.sparse}
+def table_specs(
+    cfg: ExperimentConfig,
+    vocabularies: dict[str, np.ndarray],
+    exclude: frozenset[str] = frozenset(),
+) -> list[TableSpec]:
+    """Physical tables in config order; full tables take their size from the vocabulary.
+
+    `exclude`: sparse features read elsewhere (a sequence model's targets)."""
+    pooled = {f.name for f in cfg.features.sparse} - exclude
     specs: list[TableSpec] = []
     for table in cfg.tables:
         by_name: dict[str, list[str]] = {}
