@@ -128,12 +128,16 @@ class TableConfig(_Strict):
     own hash functions, `probes` lookups per feature concatenated into a `probes * dim`
     embedding) and `qr` (the quotient-remainder trick: each feature reads two tables,
     `<table>@q` and `<table>@r`, of `num_embeddings` rows together, concatenated to 2 * dim).
+    `optembed` (learned row pruning and searched per-feature dims; see `OptEmbedConfig`)
+    keeps its rows as a `storage` table, `full` or `hash`, which it reads as that variant does.
     """
 
     name: str | None = None
     features: list[str]
     shared: bool = False
-    variant: Literal["full", "hash", "multiplexed", "qr"] = "full"
+    variant: Literal["full", "hash", "multiplexed", "qr", "optembed"] = "full"
+    # optembed: how its rows are stored and found (a vocabulary or the hashing trick).
+    storage: Literal["full", "hash"] | None = None
     # full: optional cap on vocabulary rows; hash: buckets per table; multiplexed: rows of
     # the shared table; qr: rows per feature over its two tables.
     num_embeddings: PositiveInt | None = None
@@ -156,14 +160,18 @@ class TableConfig(_Strict):
                 "name is only for shared tables or single-feature tables; "
                 "unshared tables are named after their features"
             )
+        if self.variant == "optembed" and self.storage is None:
+            raise ValueError("variant 'optembed' needs storage: full or hash")
+        if self.variant != "optembed" and self.storage is not None:
+            raise ValueError(f"storage is only for variant 'optembed', not {self.variant!r}")
         needs = {
             "hash": "the number of buckets",
             "multiplexed": "the rows of the shared table",
             "qr": "the rows per feature over its two tables",
         }
-        if self.variant in needs and self.num_embeddings is None:
+        if self.storage_variant in needs and self.num_embeddings is None:
             raise ValueError(
-                f"variant {self.variant!r} needs num_embeddings ({needs[self.variant]})"
+                f"variant {self.variant!r} needs num_embeddings ({needs[self.storage_variant]})"
             )
         if self._multiplexed and not self.name:
             raise ValueError("variant 'multiplexed' needs a name for its shared table")
@@ -183,6 +191,11 @@ class TableConfig(_Strict):
     @property
     def _multiplexed(self) -> bool:
         return self.variant == "multiplexed"
+
+    @property
+    def storage_variant(self) -> str:
+        """How the rows are stored and looked up: `storage` for optembed, else the variant."""
+        return self.storage or self.variant
 
     def table_names(self) -> dict[str, str]:
         """Feature name -> table name for the features of this group.
@@ -212,6 +225,52 @@ class ModelConfig(_Strict):
     cross_layers: PositiveInt = 3  # DCN-v2
     cross_low_rank: PositiveInt | None = None  # DCN-v2 low-rank (mixture-free) cross
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+# --------------------------------------------------------------------------- optembed
+
+
+class OptEmbedSearchConfig(_Strict):
+    """Evolutionary search over per-feature dims (`recsys search`); the paper's defaults:
+    population 20 = 10 mutations + 10 crossovers bred from the top 10, 30 rounds."""
+
+    rounds: PositiveInt = 30
+    mutations: Annotated[int, Field(ge=0)] = 10
+    crossovers: Annotated[int, Field(ge=0)] = 10
+    parents: PositiveInt = 10
+    mutate_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    seed: int = 0
+    workers: PositiveInt = 2  # Ray actors scoring candidates in parallel
+
+    @model_validator(mode="after")
+    def _population(self) -> OptEmbedSearchConfig:
+        if self.mutations + self.crossovers < 1:
+            raise ValueError("mutations + crossovers (the population) must be at least 1")
+        if self.parents > self.mutations + self.crossovers:
+            raise ValueError(
+                f"parents ({self.parents}) cannot exceed the population "
+                f"({self.mutations + self.crossovers})"
+            )
+        return self
+
+
+class OptEmbedConfig(_Strict):
+    """OptEmbed (Lyu et al., CIKM 2022) for the `variant: optembed` tables.
+
+    `stage: supernet` trains per-feature row-pruning thresholds (their own SGD at
+    `threshold_lr`, `alpha * sum exp(-t)` added to the loss) with dims sampled per sample
+    from 1..embedding_dim; `recsys search` then picks dims; `stage: retrain` (written by
+    `recsys retrain`) trains with those `dims` and the supernet's row masks fixed.
+    Defaults are the paper's (DCN on Criteo); alpha ranges 1e-6..1e-4 there.
+    """
+
+    alpha: Annotated[float, Field(ge=0.0)] = 1e-5
+    threshold_lr: Annotated[float, Field(gt=0.0)] = 1e-4
+    norm: Literal[1, 2] = 1  # row norm compared with the threshold: L1 (paper) or L2
+    stage: Literal["supernet", "retrain"] = "supernet"
+    dims: dict[str, PositiveInt] | None = None  # retrain: one dim per optembed feature
+    supernet_run: str | None = None  # retrain: the supernet run its row masks come from
+    search: OptEmbedSearchConfig = Field(default_factory=lambda: OptEmbedSearchConfig())
 
 
 # --------------------------------------------------------------------------- data, train
@@ -315,6 +374,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    optembed: OptEmbedConfig = Field(default_factory=OptEmbedConfig)
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> ExperimentConfig:
@@ -351,10 +411,11 @@ class ExperimentConfig(_Strict):
                     f"model 'dlrm': dense_arch must end at the embedding_dim {dims.pop()} "
                     f"(got {self.model.dense_arch[-1]}) for the dot interaction"
                 )
+        self._check_optembed()
         hashed = {
             f: t.variant
             for t in self.tables
-            if t.variant in ("multiplexed", "qr")
+            if t.variant in ("multiplexed", "qr", "optembed")
             for f in t.features
         }
         for seq in self.features.sequences:
@@ -379,6 +440,37 @@ class ExperimentConfig(_Strict):
             if unknown:
                 raise ValueError(f"data.synthetic.vocab: unknown sparse features {unknown}")
         return self
+
+    def _check_optembed(self) -> None:
+        kinds = {t.variant == "optembed" for t in self.tables}
+        if kinds == {True, False}:
+            raise ValueError(
+                "variant 'optembed' must be used by every table or none: the pruned and "
+                "dimension-searched embedding layer serves all sparse features"
+            )
+        if self.optembed.stage != "retrain":
+            return
+        if kinds != {True}:
+            raise ValueError("optembed.stage: 'retrain' needs tables of variant 'optembed'")
+        widths = {f: t.embedding_dim for t in self.tables for f in t.features}
+        dims = self.optembed.dims or {}
+        missing = sorted(widths.keys() - dims.keys())
+        if missing:
+            raise ValueError(f"optembed.dims: retrain needs a dim for features {missing}")
+        unknown = sorted(dims.keys() - widths.keys())
+        if unknown:
+            raise ValueError(f"optembed.dims: unknown features {unknown}")
+        for feature, dim in dims.items():
+            if dim > widths[feature]:
+                raise ValueError(
+                    f"optembed.dims.{feature}: {dim} exceeds its embedding_dim {widths[feature]}"
+                )
+        if not self.optembed.supernet_run:
+            raise ValueError("optembed.supernet_run: retrain needs the supernet run's directory")
+
+    @property
+    def uses_optembed(self) -> bool:
+        return any(t.variant == "optembed" for t in self.tables)
 
     def feature_tables(self) -> dict[str, str]:
         """Every sparse and sequence feature -> the name of the table it reads."""

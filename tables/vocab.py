@@ -35,7 +35,7 @@ def build_vocabularies(
     multi |= {s.name for s in cfg.features.sequences}
     out: dict[str, np.ndarray] = {}
     for table in cfg.tables:
-        if table.variant != "full":
+        if table.storage_variant != "full":
             continue
         for name, features in _features_per_table(table, cfg).items():
             out[name] = _vocabulary(log, features, multi, table)

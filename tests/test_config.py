@@ -66,7 +66,7 @@ def test_overrides_apply_with_yaml_types(tmp_path: Path) -> None:
         (["train.batch_size=0"], "train.batch_size: Input should be greater than 0"),
         (
             ["tables.0.variant=cuckoo"],
-            "tables[0].variant: Input should be 'full', 'hash', 'multiplexed' or 'qr'",
+            "tables[0].variant: Input should be 'full', 'hash', 'multiplexed', 'qr' or 'optembed'",
         ),
         (["tables.0.num_embeddings=null"], "variant 'hash' needs num_embeddings"),
         (["tables.0.features=[a]"], "sparse features without a table: ['b']"),
