@@ -31,7 +31,13 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
-from pipelines.build import build_model, load_keep_masks, load_vocabularies, save_vocabularies
+from pipelines.build import (
+    KEEP_FILE,
+    build_model,
+    load_keep_masks,
+    load_vocabularies,
+    save_vocabularies,
+)
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.split import validation_cutoff
 from recsys.batch import BatchConverter
@@ -112,6 +118,11 @@ def train(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
             "use rowwise_adagrad or sgd"
         )
     run_dir = run_dir_of(cfg)
+    if cfg.optembed.stage == "retrain" and not (run_dir / KEEP_FILE).exists():
+        raise ConfigError(
+            f"optembed.stage: retrain needs the supernet's row masks in {run_dir / KEEP_FILE}; "
+            "start retraining with `recsys retrain CONF`"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     skipped = preflight(cfg)

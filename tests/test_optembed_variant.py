@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 
 from pipelines.build import build_model, load_model_weights
+from pipelines.optembed import column_mask
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, load_config
 from tables.optembed import Mode, kept_rows
@@ -178,3 +179,19 @@ def test_thresholds_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
     torch.testing.assert_close(
         fresh.sparse.pooling.thresholds.threshold, torch.tensor([0.1, 0.2, 0.3, 0.4])
     )
+
+
+def test_search_scores_candidates_from_cached_full_width_embeddings(tmp_path: Path) -> None:
+    """What `recsys search` relies on: masking the full-width output's columns equals the
+    layer in search mode with those dims, bit for bit."""
+    cfg = _small_cfg(tmp_path, "hash")
+    model = build_model(cfg, {})
+    batch = BatchConverter(cfg.features)(small_table(48, seed=4))
+    model.eval()
+    with torch.no_grad():
+        model.sparse.pooling.thresholds.threshold.fill_(0.3)
+        full = model.sparse(batch.sparse).values()
+        for dims in ([1, 4, 2, 3], [4, 4, 4, 4], [2, 1, 1, 1]):
+            model.sparse.use_search(dims)
+            expected = model.sparse(batch.sparse).values()
+            assert torch.equal(full * column_mask(model.sparse.feature_dims, dims), expected)
