@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.build import load_trained
+from pipelines.optembed_export import compact_tables, uncompacted_bytes
 from recsys.export_format import (
     DENSE_PROGRAM,
     FORMAT_VERSION,
@@ -27,6 +28,7 @@ from recsys.export_format import (
     embedding_table,
 )
 from tables.multiplexed import VirtualFeatureTransform
+from tables.optembed_tables import OptEmbedEmbeddings
 from tables.pooled import TableSpec
 from tables.transforms import VocabularyLookup
 
@@ -66,8 +68,9 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
     dtype = dtype or cfg.export.dtype
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for spec in model.sparse.specs:
+    compact = isinstance(model.sparse, OptEmbedEmbeddings)
+    tables = compact_tables(model.sparse, out, dtype, _write_table) if compact else []
+    for spec in [] if compact else model.sparse.specs:
         weights = _table_rows(model, spec.name)
         transform = model.sparse.transforms[spec.transform]
         entry: dict[str, Any] = {
@@ -124,4 +127,8 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
         },
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return {"out": str(out), "tables": len(tables), "bytes": sum(t["bytes"] for t in tables)}
+    summary = {"out": str(out), "tables": len(tables), "bytes": sum(t["bytes"] for t in tables)}
+    if compact:  # optembed: the compact tables beside the tables they were cut from
+        summary["id_bytes"] = sum(t["id_bytes"] for t in tables)
+        summary["uncompacted_bytes"] = uncompacted_bytes(model.sparse, dtype)
+    return summary
