@@ -3,6 +3,7 @@ thresholds through checkpoints. (The Ray pipeline end to end: test_optembed_pipe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,11 @@ import torch.distributed.checkpoint as dcp
 import yaml
 
 from pipelines.build import build_model, load_model_weights
+from pipelines.export import export
 from pipelines.optembed import column_mask
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, load_config
+from recsys.serving import ServingModel
 from tables.optembed import Mode, kept_rows
 from tests.small_log import small_features, small_table
 
@@ -195,3 +198,52 @@ def test_search_scores_candidates_from_cached_full_width_embeddings(tmp_path: Pa
             model.sparse.use_search(dims)
             expected = model.sparse(batch.sparse).values()
             assert torch.equal(full * column_mask(model.sparse.feature_dims, dims), expected)
+
+
+@pytest.mark.parametrize(("storage", "pooling"), [("full", "sum"), ("hash", "mean")])
+def test_compact_export_scores_exactly_what_the_masked_model_scores(
+    tmp_path: Path, storage: str, pooling: str
+) -> None:
+    """A retrain run written by hand (config, vocabularies, row masks, checkpoint), exported:
+    the serving loader on the compact tables reproduces the model's probabilities."""
+    dims = {"s_single": 1, "s_multi": 3, "s_nullable": 4, "s_multi_null": 2}
+    cfg = _small_cfg(
+        tmp_path,
+        storage,
+        f"tables.0.pooling={pooling}",
+        "optembed.stage=retrain",
+        f"optembed.dims={json.dumps(dims)}",
+        "optembed.supernet_run=supernet",
+    )
+    table = small_table(256, seed=5)
+    features = [f.name for f in cfg.features.sparse]
+    vocab = _vocabularies(table, features) if storage == "full" else {}
+    gen = torch.Generator().manual_seed(0)
+    rows = {s: len(vocab[s]) + 1 if vocab else 13 for s in features}
+    keep = {f: (torch.rand(rows[f], generator=gen) < 0.6).numpy() for f in features}
+    model = build_model(cfg, vocab, keep=keep)
+    with torch.no_grad():
+        for s in model.sparse.specs:
+            sparse_weight(model.sparse, s.name).normal_(generator=gen)
+    model.eval()
+
+    run = tmp_path / "run"
+    (run / "checkpoint_step00000001").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    np.savez(run / "vocabularies.npz", **vocab)
+    np.savez(run / "optembed_keep.npz", **keep)
+    checkpoint = run / "checkpoint_step00000001"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(checkpoint), no_dist=True)
+    (checkpoint / "progress.json").write_text('{"step": 1}')
+
+    summary = export(run, tmp_path / "export")
+    kept = sum(int(k[1:].sum()) if storage == "full" else int(k.sum()) for k in keep.values())
+    assert summary["bytes"] == 4 * sum(
+        (int(k[1:].sum()) if storage == "full" else int(k.sum())) * dims[f] for f, k in keep.items()
+    )
+    assert summary["id_bytes"] == 8 * kept
+    assert summary["uncompacted_bytes"] == 4 * 4 * sum(rows.values())
+    served = ServingModel(tmp_path / "export").predict_table(table)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(BatchConverter(cfg.features)(table))).numpy()
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
