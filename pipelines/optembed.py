@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,18 +114,20 @@ def _search_config(cfg: ExperimentConfig) -> SearchConfig:
 
 
 def _resume_or_start(path: Path, widths: list[int], config: SearchConfig) -> EvolutionarySearch:
-    fresh = EvolutionarySearch(widths, config)
+    """The stored search if there is one (it may be given more rounds), else a new one."""
     if not path.exists():
-        return fresh
+        return EvolutionarySearch(widths, config)
     state = json.loads(path.read_text())
-    stored = {k: state[k] for k in ("field_dims", "config")}
-    wanted = {k: fresh.state_dict()[k] for k in ("field_dims", "config")}
+    stored = {**state["config"], "rounds": config.rounds, "field_dims": state["field_dims"]}
+    wanted = {**asdict(config), "field_dims": list(widths)}
     if stored != wanted:
         raise ConfigError(
             f"{path}: a search with other settings ({stored}) is stored; delete the file to "
             f"start a new one with {wanted}"
         )
-    return EvolutionarySearch.from_state_dict(state)
+    evo = EvolutionarySearch.from_state_dict(state)
+    evo.config = replace(evo.config, rounds=config.rounds)
+    return evo
 
 
 def search(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
