@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -161,11 +162,13 @@ def search(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
         stats = state.history[-1]
         print(
             f"search round {stats.round + 1}/{state.config.rounds}: best {stats.best:.5f} "
-            f"mean {stats.mean:.5f} best so far {stats.best_so_far:.5f}",
+            f"mean {stats.mean:.5f} best so far {stats.best_so_far:.5f} "
+            f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
         _write_json(out / STATE_FILE, state.state_dict())
 
+    started = time.perf_counter()
     full_auc = ray.get(scorers[0].score.remote([widths]))[0]
     best, best_auc = evo.run(fitness, on_round=checkpoint)
     for s in scorers:
