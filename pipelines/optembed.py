@@ -197,14 +197,6 @@ def search(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
     return result
 
 
-def _table_weight(sparse: OptEmbedEmbeddings, feature: str) -> torch.Tensor:
-    name = next(s.name for s in sparse.specs if feature in s.features)
-    for ebc in (sparse.ebc_single, sparse.ebc_multi):
-        if ebc is not None and name in ebc.embedding_bags:
-            return ebc.embedding_bags[name].weight.detach()
-    raise KeyError(name)
-
-
 def _write_json(path: Path, doc: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
@@ -243,7 +235,7 @@ def retrain_config(cfg: ExperimentConfig, dims: dict[str, int], supernet: Path) 
 def _keep_masks(sparse: OptEmbedEmbeddings) -> dict[str, np.ndarray]:
     """Per feature, the rows of its table whose norm exceeds the feature's threshold."""
     return {
-        f: kept_rows(_table_weight(sparse, f), sparse.threshold_of(f), sparse.pooling.norm).numpy()
+        f: kept_rows(sparse.feature_weight(f), sparse.threshold_of(f), sparse.pooling.norm).numpy()
         for f in sparse.feature_names
     }
 

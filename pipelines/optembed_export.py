@@ -27,13 +27,6 @@ ID_BYTES = 8  # int64 ID map entries
 Writer = Callable[[Path, str, np.ndarray, np.ndarray, str], list[str]]
 
 
-def table_weight(sparse: OptEmbedEmbeddings, table: str) -> torch.Tensor:
-    for ebc in (sparse.ebc_single, sparse.ebc_multi):
-        if ebc is not None and table in ebc.embedding_bags:
-            return ebc.embedding_bags[table].weight.detach()
-    raise KeyError(table)
-
-
 def compact_tables(
     sparse: OptEmbedEmbeddings, out: Path, dtype: str, write: Writer
 ) -> list[dict[str, Any]]:
@@ -46,7 +39,7 @@ def compact_tables(
     dims = sparse.pooling.dims.tolist()
     entries = []
     for spec in sparse.specs:
-        weights = table_weight(sparse, spec.name).float()
+        weights = sparse.table_weight(spec.name).float()
         transform = sparse.transforms[spec.transform]
         for feature in spec.features:
             dim = int(dims[sparse.feature_names.index(feature)])

@@ -137,6 +137,17 @@ class OptEmbedEmbeddings(nn.Module):
             return None
         return self.pooling.thresholds.regularizer(self.alpha)
 
+    def table_weight(self, table: str) -> Tensor:
+        """The rows of a storage table (unsharded module), [num_rows, dim], detached."""
+        for ebc in (self.ebc_single, self.ebc_multi):
+            if ebc is not None and table in ebc.embedding_bags:
+                return ebc.embedding_bags[table].weight.detach()
+        raise KeyError(f"no table {table!r}")
+
+    def feature_weight(self, feature: str) -> Tensor:
+        """The rows of the storage table that `feature` reads."""
+        return self.table_weight(next(s.name for s in self.specs if feature in s.features))
+
     def threshold_of(self, feature: str) -> Tensor:
         return self.pooling.thresholds.threshold[self.feature_names.index(feature)]
 
