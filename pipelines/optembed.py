@@ -114,13 +114,21 @@ def _search_config(cfg: ExperimentConfig) -> SearchConfig:
     )
 
 
-def _resume_or_start(path: Path, widths: list[int], config: SearchConfig) -> EvolutionarySearch:
-    """The stored search if there is one (it may be given more rounds), else a new one."""
+def resume_or_start(
+    path: Path, widths: list[int], config: SearchConfig, supernet: str
+) -> EvolutionarySearch:
+    """The stored search of this supernet checkpoint if there is one (it may be given more
+    rounds), else a new one."""
     if not path.exists():
         return EvolutionarySearch(widths, config)
     state = json.loads(path.read_text())
-    stored = {**state["config"], "rounds": config.rounds, "field_dims": state["field_dims"]}
-    wanted = {**asdict(config), "field_dims": list(widths)}
+    stored = {
+        **state["config"],
+        "rounds": config.rounds,
+        "field_dims": state["field_dims"],
+        "supernet": state.get("supernet"),
+    }
+    wanted = {**asdict(config), "field_dims": list(widths), "supernet": supernet}
     if stored != wanted:
         raise ConfigError(
             f"{path}: a search with other settings ({stored}) is stored; delete the file to "
@@ -141,7 +149,7 @@ def search(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
     features, widths = sparse.feature_names, sparse.feature_dims
     out = run / SEARCH_DIR
     out.mkdir(parents=True, exist_ok=True)
-    evo = _resume_or_start(out / STATE_FILE, widths, _search_config(cfg))
+    evo = resume_or_start(out / STATE_FILE, widths, _search_config(cfg), progress["checkpoint"])
 
     start_ray(address, cfg.optembed.search.workers)
     tables = ray.put(validation_tables(cfg))
@@ -166,7 +174,7 @@ def search(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
             f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-        _write_json(out / STATE_FILE, state.state_dict())
+        _write_json(out / STATE_FILE, {**state.state_dict(), "supernet": progress["checkpoint"]})
 
     started = time.perf_counter()
     full_auc = ray.get(scorers[0].score.remote([widths]))[0]

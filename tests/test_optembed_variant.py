@@ -4,6 +4,7 @@ thresholds through checkpoints. (The Ray pipeline end to end: test_optembed_pipe
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ import yaml
 
 from pipelines.build import build_model, load_model_weights
 from pipelines.export import export
-from pipelines.optembed import column_mask
+from pipelines.optembed import resume_or_start, column_mask
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, load_config
 from recsys.serving import ServingModel
+from tables.dimension_search import EvolutionarySearch, SearchConfig
 from tables.optembed import Mode, kept_rows
 from tests.small_log import small_features, small_table
 
@@ -247,3 +249,20 @@ def test_compact_export_scores_exactly_what_the_masked_model_scores(
     with torch.no_grad():
         expected = torch.sigmoid(model(BatchConverter(cfg.features)(table))).numpy()
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
+
+
+def test_search_state_resumes_only_its_own_search(tmp_path: Path) -> None:
+    config = SearchConfig(rounds=2, mutations=2, crossovers=2, parents=2)
+    evo = EvolutionarySearch([4, 4], config)
+    evo.step(lambda cands: [float(sum(c)) for c in cands])
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({**evo.state_dict(), "supernet": "ckpt_1"}))
+
+    more = replace(config, rounds=5)
+    resumed = resume_or_start(path, [4, 4], more, "ckpt_1")
+    assert resumed.round == 1 and resumed.config.rounds == 5
+    assert resumed.population == evo.population and resumed.best == evo.best
+    with pytest.raises(ConfigError, match="a search with other settings"):
+        resume_or_start(path, [4, 4], more, "ckpt_2")  # another supernet checkpoint
+    with pytest.raises(ConfigError, match="delete the file"):
+        resume_or_start(path, [4, 4], replace(config, mutate_prob=0.5), "ckpt_1")
