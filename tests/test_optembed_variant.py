@@ -15,7 +15,7 @@ import yaml
 
 from pipelines.build import build_model, load_model_weights
 from pipelines.export import export
-from pipelines.optembed import resume_or_start, column_mask
+from pipelines.optembed import column_mask, resume_or_start
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, load_config
 from recsys.serving import ServingModel
