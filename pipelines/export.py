@@ -20,6 +20,7 @@ import torch
 
 from pipelines.build import load_trained
 from pipelines.export_sequence import sequence_program, sequence_tables
+from pipelines.optembed_export import compact_tables, uncompacted_bytes
 from recsys.export_format import (
     DENSE_PROGRAM,
     FORMAT_VERSION,
@@ -29,6 +30,7 @@ from recsys.export_format import (
     embedding_table,
 )
 from tables.multiplexed import VirtualFeatureTransform
+from tables.optembed_tables import OptEmbedEmbeddings
 from tables.pooled import TableSpec
 from tables.transforms import VocabularyLookup
 
@@ -66,9 +68,12 @@ def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[st
 def _pooled_export(
     cfg: Any, model: torch.nn.Module, out: Path, dtype: str
 ) -> tuple[list[dict[str, Any]], torch.export.ExportedProgram, dict[str, Any]]:
-    """Pooled tables, the dense program over (dense, embeddings) and its input spec."""
-    tables = []
-    for spec in model.sparse.specs:
+    """Pooled tables, the dense program over (dense, embeddings) and its input spec.
+
+    An optembed model writes its compact tables instead (pipelines.optembed_export)."""
+    compact = isinstance(model.sparse, OptEmbedEmbeddings)
+    tables = compact_tables(model.sparse, out, dtype, _write_table) if compact else []
+    for spec in [] if compact else model.sparse.specs:
         weights = _table_rows(model, spec.name)
         transform = model.sparse.transforms[spec.transform]
         entry: dict[str, Any] = {
@@ -139,4 +144,9 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
         },
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return {"out": str(out), "tables": len(tables), "bytes": sum(t["bytes"] for t in tables)}
+    summary = {"out": str(out), "tables": len(tables), "bytes": sum(t["bytes"] for t in tables)}
+    if isinstance(getattr(model, "sparse", None), OptEmbedEmbeddings):
+        # optembed: the compact tables beside the tables they were cut from
+        summary["id_bytes"] = sum(t["id_bytes"] for t in tables)
+        summary["uncompacted_bytes"] = uncompacted_bytes(model.sparse, dtype)
+    return summary

@@ -31,7 +31,14 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
-from pipelines.build import build_model, load_vocabularies, save_vocabularies, table_sharding
+from pipelines.build import (
+    KEEP_FILE,
+    build_model,
+    load_keep_masks,
+    load_vocabularies,
+    save_vocabularies,
+    table_sharding,
+)
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.split import validation_cutoff
 from recsys.batch import BatchConverter
@@ -112,6 +119,11 @@ def train(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
             "use rowwise_adagrad or sgd"
         )
     run_dir = run_dir_of(cfg)
+    if cfg.optembed.stage == "retrain" and not (run_dir / KEEP_FILE).exists():
+        raise ConfigError(
+            f"optembed.stage: retrain needs the supernet's row masks in {run_dir / KEEP_FILE}; "
+            "start retraining with `recsys retrain CONF`"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     skipped = preflight(cfg)
@@ -192,6 +204,20 @@ def _dense_optimizer(cfg: ExperimentConfig) -> Any:
     kinds = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
     kind = kinds[cfg.train.dense_optimizer]
     return lambda params: kind(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.weight_decay)
+
+
+def _own_optimizers(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Parameters trained apart from the dense optimizer: optembed's thresholds, by the
+    paper's plain SGD at their own learning rate."""
+    if not cfg.uses_optembed:
+        return {}
+    lr = cfg.optembed.threshold_lr
+    return {
+        "thresholds": (
+            lambda name: name.endswith("pooling.thresholds.threshold"),
+            lambda params: torch.optim.SGD(params, lr=lr),
+        )
+    }
 
 
 def _device(cfg: ExperimentConfig) -> torch.device:
@@ -299,7 +325,13 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     device = _device(cfg)
     torch.manual_seed(cfg.train.seed)
 
-    model = build_model(cfg, load_vocabularies(run_dir), table_device=torch.device("meta"))
+    model = build_model(
+        cfg,
+        load_vocabularies(run_dir),
+        table_device=torch.device("meta"),
+        keep=load_keep_masks(run_dir),
+    )
+    regularizer = getattr(model.sparse, "regularizer", None)  # optembed's threshold term
     t = cfg.train
     dmp = shard_model(
         model,
@@ -309,7 +341,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         pg=dist.GroupMember.WORLD,
         device=device,
     )
-    optimizer = combined_optimizer(dmp, t.sparse_optimizer, t.sparse_lr, _dense_optimizer(cfg))
+    optimizer = combined_optimizer(
+        dmp, t.sparse_optimizer, t.sparse_lr, _dense_optimizer(cfg), _own_optimizers(cfg)
+    )
 
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -339,8 +373,10 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             batch = convert(table).to(device, non_blocking=True)
             logits = dmp(batch)
             loss = loss_fn(logits, batch.labels)
+            penalty = regularizer() if regularizer is not None else None
+            objective = loss if penalty is None else loss + penalty
             optimizer.zero_grad()
-            loss.backward()
+            objective.backward()
             optimizer.step()
             progress = {"step": progress["step"] + 1, "epoch": epoch, "batches_in_epoch": i + 1}
             meter.add(logits, batch.labels, float(loss))

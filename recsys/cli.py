@@ -76,6 +76,14 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     print(json.dumps(points, indent=2, default=float))
 
 
+def _cmd_optembed(args: argparse.Namespace) -> None:
+    import importlib
+
+    cfg = load_config(args.config, args.overrides)
+    step = getattr(importlib.import_module("pipelines.optembed"), args.command)
+    print(json.dumps(step(cfg, address=args.address), indent=2, default=str))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     import importlib
 
@@ -175,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for runs, frontier.csv, frontier.png")
     p.add_argument("--address", help="Ray cluster address (default: as for train)")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "search", help="optembed: evolutionary search of per-feature dims on the trained supernet"
+    )
+    with_config(p)
+    p.add_argument("--address", help="Ray cluster address (default: as for train)")
+    p.set_defaults(func=_cmd_optembed)
+
+    p = sub.add_parser(
+        "retrain", help="optembed: train <name>-retrain with the searched dims and row masks"
+    )
+    with_config(p)
+    p.add_argument("--address", help="Ray cluster address (default: as for train)")
+    p.set_defaults(func=_cmd_optembed)
 
     p = sub.add_parser("evaluate", help="AUC, GAUC, logloss, NE, calibration of a trained run")
     p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")

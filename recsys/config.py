@@ -117,6 +117,9 @@ Sharding = Literal[
 ]
 
 
+_STORED = ("decoupled", "optembed")  # variants layered over a `storage` table
+
+
 class TableConfig(_Strict):
     """A group of features with the same table settings.
 
@@ -131,12 +134,14 @@ class TableConfig(_Strict):
     `decoupled` (DARE, sequence models' item features only): two tables per name,
     `<table>@att` of `attention_dim` columns for attention scores and `<table>@rep` of
     `embedding_dim` for representations, each a `storage` table (`full` or `hash`).
+    `optembed` (learned row pruning and searched per-feature dims; see `OptEmbedConfig`)
+    keeps its rows as a `storage` table, `full` or `hash`, which it reads as that variant does.
     """
 
     name: str | None = None
     features: list[str]
     shared: bool = False
-    variant: Literal["full", "hash", "multiplexed", "qr", "decoupled"] = "full"
+    variant: Literal["full", "hash", "multiplexed", "qr", "decoupled", "optembed"] = "full"
     # full: optional cap on vocabulary rows; hash: buckets per table; multiplexed: rows of
     # the shared table; qr: rows per feature over its two tables.
     num_embeddings: PositiveInt | None = None
@@ -147,9 +152,10 @@ class TableConfig(_Strict):
     min_count: PositiveInt = 1
     pooling: Literal["sum", "mean"] = "sum"
     sharding: Sharding = "auto"
-    # decoupled: width of the attention table (default embedding_dim) and the ID transform
-    # both of its tables use (`hash` needs num_embeddings).
+    # decoupled: width of the attention table (default embedding_dim).
     attention_dim: PositiveInt | None = None
+    # decoupled, optembed: how the rows are stored and found, a vocabulary (`full`) or the
+    # hashing trick (`hash`, needs num_embeddings); decoupled defaults to `full`.
     storage: Literal["full", "hash"] | None = None
 
     @model_validator(mode="after")
@@ -163,14 +169,20 @@ class TableConfig(_Strict):
                 "name is only for shared tables or single-feature tables; "
                 "unshared tables are named after their features"
             )
+        if self.variant == "optembed" and self.storage is None:
+            raise ValueError("variant 'optembed' needs storage: full or hash")
+        if self.storage is not None and self.variant not in _STORED:
+            raise ValueError(f"storage is only for variants {list(_STORED)}, not {self.variant!r}")
+        if self.attention_dim is not None and self.variant != "decoupled":
+            raise ValueError(f"attention_dim is only for variant 'decoupled', not {self.variant!r}")
         needs = {
             "hash": "the number of buckets",
             "multiplexed": "the rows of the shared table",
             "qr": "the rows per feature over its two tables",
         }
-        if self.variant in needs and self.num_embeddings is None:
+        if self.storage_variant in needs and self.num_embeddings is None:
             raise ValueError(
-                f"variant {self.variant!r} needs num_embeddings ({needs[self.variant]})"
+                f"variant {self.variant!r} needs num_embeddings ({needs[self.storage_variant]})"
             )
         if self._multiplexed and not self.name:
             raise ValueError("variant 'multiplexed' needs a name for its shared table")
@@ -179,12 +191,6 @@ class TableConfig(_Strict):
                 raise ValueError("variant 'qr' gives every feature its own tables: not shared")
             if self.num_embeddings is not None and self.num_embeddings < 2:
                 raise ValueError("variant 'qr' needs num_embeddings >= 2 (one row per table)")
-        if self.variant != "decoupled":
-            for key in ("attention_dim", "storage"):
-                if getattr(self, key) is not None:
-                    raise ValueError(f"{key} is only for variant 'decoupled', not {self.variant!r}")
-        elif self.storage == "hash" and self.num_embeddings is None:
-            raise ValueError("variant 'decoupled' with storage 'hash' needs num_embeddings")
         if self.probes is not None and not self._multiplexed:
             raise ValueError(f"probes is only for variant 'multiplexed', not {self.variant!r}")
         if isinstance(self.probes, dict):
@@ -200,8 +206,9 @@ class TableConfig(_Strict):
 
     @property
     def storage_variant(self) -> str:
-        """The ID transform of its tables: a decoupled table's storage, else the variant."""
-        if self.variant == "decoupled":
+        """How the rows are stored and found: `storage` for decoupled and optembed tables
+        (decoupled defaults to `full`), else the variant itself."""
+        if self.variant in _STORED:
             return self.storage or "full"
         return self.variant
 
@@ -252,6 +259,52 @@ class ModelConfig(_Strict):
     @property
     def is_sequence(self) -> bool:
         return self.name in SEQUENCE_MODELS
+
+
+# --------------------------------------------------------------------------- optembed
+
+
+class OptEmbedSearchConfig(_Strict):
+    """Evolutionary search over per-feature dims (`recsys search`); the paper's defaults:
+    population 20 = 10 mutations + 10 crossovers bred from the top 10, 30 rounds."""
+
+    rounds: PositiveInt = 30
+    mutations: Annotated[int, Field(ge=0)] = 10
+    crossovers: Annotated[int, Field(ge=0)] = 10
+    parents: PositiveInt = 10
+    mutate_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    seed: int = 0
+    workers: PositiveInt = 2  # Ray actors scoring candidates in parallel
+
+    @model_validator(mode="after")
+    def _population(self) -> OptEmbedSearchConfig:
+        if self.mutations + self.crossovers < 1:
+            raise ValueError("mutations + crossovers (the population) must be at least 1")
+        if self.parents > self.mutations + self.crossovers:
+            raise ValueError(
+                f"parents ({self.parents}) cannot exceed the population "
+                f"({self.mutations + self.crossovers})"
+            )
+        return self
+
+
+class OptEmbedConfig(_Strict):
+    """OptEmbed (Lyu et al., CIKM 2022) for the `variant: optembed` tables.
+
+    `stage: supernet` trains per-feature row-pruning thresholds (their own SGD at
+    `threshold_lr`, `alpha * sum exp(-t)` added to the loss) with dims sampled per sample
+    from 1..embedding_dim; `recsys search` then picks dims; `stage: retrain` (written by
+    `recsys retrain`) trains with those `dims` and the supernet's row masks fixed.
+    Defaults are the paper's (DCN on Criteo); alpha ranges 1e-6..1e-4 there.
+    """
+
+    alpha: Annotated[float, Field(ge=0.0)] = 1e-5
+    threshold_lr: Annotated[float, Field(gt=0.0)] = 1e-4
+    norm: Literal[1, 2] = 1  # row norm compared with the threshold: L1 (paper) or L2
+    stage: Literal["supernet", "retrain"] = "supernet"
+    dims: dict[str, PositiveInt] | None = None  # retrain: one dim per optembed feature
+    supernet_run: str | None = None  # retrain: the supernet run its row masks come from
+    search: OptEmbedSearchConfig = Field(default_factory=lambda: OptEmbedSearchConfig())
 
 
 # --------------------------------------------------------------------------- data, train
@@ -355,6 +408,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    optembed: OptEmbedConfig = Field(default_factory=OptEmbedConfig)
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> ExperimentConfig:
@@ -391,10 +445,11 @@ class ExperimentConfig(_Strict):
                     f"model 'dlrm': dense_arch must end at the embedding_dim {dims.pop()} "
                     f"(got {self.model.dense_arch[-1]}) for the dot interaction"
                 )
+        self._check_optembed()
         hashed = {
             f: t.variant
             for t in self.tables
-            if t.variant in ("multiplexed", "qr")
+            if t.variant in ("multiplexed", "qr", "optembed")
             for f in t.features
         }
         for seq in self.features.sequences:
@@ -473,6 +528,42 @@ class ExperimentConfig(_Strict):
         stray = sorted(decoupled - targets)
         if stray:
             raise ValueError(f"variant 'decoupled' is for sequence targets, not {stray}")
+
+    def _check_optembed(self) -> None:
+        kinds = {t.variant == "optembed" for t in self.tables}
+        if True in kinds and self.model.is_sequence:
+            raise ValueError(
+                f"variant 'optembed' serves CTR models' pooled features, not model "
+                f"{self.model.name!r}"
+            )
+        if kinds == {True, False}:
+            raise ValueError(
+                "variant 'optembed' must be used by every table or none: the pruned and "
+                "dimension-searched embedding layer serves all sparse features"
+            )
+        if self.optembed.stage != "retrain":
+            return
+        if kinds != {True}:
+            raise ValueError("optembed.stage: 'retrain' needs tables of variant 'optembed'")
+        widths = {f: t.embedding_dim for t in self.tables for f in t.features}
+        dims = self.optembed.dims or {}
+        missing = sorted(widths.keys() - dims.keys())
+        if missing:
+            raise ValueError(f"optembed.dims: retrain needs a dim for features {missing}")
+        unknown = sorted(dims.keys() - widths.keys())
+        if unknown:
+            raise ValueError(f"optembed.dims: unknown features {unknown}")
+        for feature, dim in dims.items():
+            if dim > widths[feature]:
+                raise ValueError(
+                    f"optembed.dims.{feature}: {dim} exceeds its embedding_dim {widths[feature]}"
+                )
+        if not self.optembed.supernet_run:
+            raise ValueError("optembed.supernet_run: retrain needs the supernet run's directory")
+
+    @property
+    def uses_optembed(self) -> bool:
+        return any(t.variant == "optembed" for t in self.tables)
 
     def feature_tables(self) -> dict[str, str]:
         """Every sparse and sequence feature -> the name of the table it reads."""

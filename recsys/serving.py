@@ -38,6 +38,9 @@ class ServedTable:
     pooling: str
     # "hash" lookups: feature -> one (salt, hash_size, divisor) per probe
     probes: dict[str, list[tuple[int, int, int]]]
+    # The width the dense model reads; narrower rows (optembed's compact tables) are
+    # padded with zeros, as the trained model's dimension mask zeroes those columns.
+    input_dim: int
 
     def keys(self, feature: str, raw_ids: torch.Tensor) -> list[torch.Tensor]:
         """The table `id`s each of the feature's lookups reads (one for id/modulo)."""
@@ -61,9 +64,13 @@ class ServedTable:
     def pool(self, feature: str, jagged: JaggedTensor) -> torch.Tensor:
         """[batch, lookups * dim]: each lookup pooled over the bag, concatenated."""
         offsets = jagged.offsets()[:-1].long()
+        pad = self.input_dim - self.weights.size(1)
         return torch.cat(
             [
-                F.embedding_bag(self.rows(keys), self.weights, offsets, mode=self.pooling)
+                F.pad(
+                    F.embedding_bag(self.rows(keys), self.weights, offsets, mode=self.pooling),
+                    (0, pad),
+                )
                 for keys in self.keys(feature, jagged.values())
             ],
             dim=1,
@@ -87,6 +94,7 @@ def _load_table(root: Path, entry: dict) -> ServedTable:
         num_rows=entry.get("num_rows", len(rows)),
         pooling=entry["pooling"],
         probes=probes,
+        input_dim=entry.get("input_dim", entry["dim"]),
     )
 
 

@@ -73,17 +73,17 @@ def _specs_of(
 ) -> list[TableSpec]:
     """The physical tables behind one table name of a config entry."""
     common = {
-        "variant": table.variant,
+        "variant": table.storage_variant,
         "dim": table.embedding_dim,
         "pooling": table.pooling,
         "sharding": table.sharding,
     }
-    if table.variant == "full":
+    if table.storage_variant == "full":
         if name not in vocabularies:
             raise ValueError(f"table {name!r}: no vocabulary was built for it")
         return [TableSpec(name, features, num_rows=len(vocabularies[name]) + 1, **common)]
     rows = int(table.num_embeddings)  # type: ignore[arg-type]
-    if table.variant == "hash":
+    if table.storage_variant == "hash":
         return [TableSpec(name, features, num_rows=rows, **common)]
     if table.variant == "multiplexed":
         lookups = tuple(tuple(f"{f}@{j}" for j in range(table.probes_of(f))) for f in features)
