@@ -181,8 +181,10 @@ class TableConfig(_Strict):
             "qr": "the rows per feature over its two tables",
         }
         if self.storage_variant in needs and self.num_embeddings is None:
+            stored = f" with storage {self.storage!r}" if self.variant in _STORED else ""
             raise ValueError(
-                f"variant {self.variant!r} needs num_embeddings ({needs[self.storage_variant]})"
+                f"variant {self.variant!r}{stored} needs num_embeddings "
+                f"({needs[self.storage_variant]})"
             )
         if self._multiplexed and not self.name:
             raise ValueError("variant 'multiplexed' needs a name for its shared table")

@@ -58,9 +58,15 @@ def test_defaults_are_the_papers(tmp_path: Path) -> None:
     ("overrides", "message"),
     [
         (["tables.0.storage=null"], "tables[0]: variant 'optembed' needs storage: full or hash"),
-        (["tables.0.variant=hash"], "storage is only for variant 'optembed', not 'hash'"),
+        (
+            ["tables.0.variant=hash"],
+            "storage is only for variants ['decoupled', 'optembed'], not 'hash'",
+        ),
         (["tables.0.storage=qr"], "tables[0].storage: Input should be 'full' or 'hash'"),
-        (["tables.0.num_embeddings=null"], "variant 'optembed' needs num_embeddings"),
+        (
+            ["tables.0.num_embeddings=null"],
+            "variant 'optembed' with storage 'hash' needs num_embeddings",
+        ),
         (["optembed.alpha=-1"], "optembed.alpha: Input should be greater than or equal to 0"),
         (["optembed.search.parents=30"], "parents (30) cannot exceed the population (20)"),
         (["optembed.stage=retrain"], "optembed.dims: retrain needs a dim for features ['a', 'b']"),
