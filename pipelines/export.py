@@ -1,7 +1,8 @@
 """`recsys export`: a trained run -> a directory a serving system loads without this code.
 
-Tables are written row-sorted by `id` (vocabulary IDs for full tables, row numbers for
-hashed ones), so a reader maps IDs with one binary search; multiplexed and
+Tables are written row-sorted by `id` (vocabulary IDs for full tables, the live admitted
+raw IDs for collisionless ones, row numbers for hashed ones), so a reader maps IDs with one
+binary search; IDs without a row read the table's `default_embedding`; multiplexed and
 quotient-remainder tables also write each feature's hash salts (see recsys.export_format).
 The dense architecture is a `torch.export` program with a dynamic batch dimension.
 """
@@ -26,6 +27,7 @@ from recsys.export_format import (
     ROWS_PER_FILE,
     embedding_table,
 )
+from tables.collisionless import CollisionlessTransform
 from tables.multiplexed import VirtualFeatureTransform
 from tables.pooled import TableSpec
 from tables.transforms import VocabularyLookup
@@ -83,6 +85,11 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
             rows = weights[1:]
             entry["lookup"] = "id"
             entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()
+        elif isinstance(transform, CollisionlessTransform):
+            live_ids, live_rows = transform.live_rows()
+            ids, rows = live_ids.numpy(), weights[live_rows.numpy()]
+            entry["lookup"] = "id"
+            entry["default_embedding"] = transform.default.detach().tolist()
         elif isinstance(transform, VirtualFeatureTransform):
             ids = np.arange(spec.num_rows, dtype=np.int64)
             rows = weights

@@ -39,6 +39,12 @@ from recsys.config import ConfigError, ExperimentConfig
 from recsys.contract import BadRowCounts, validate_table
 from recsys.logs import parquet_files, read_validated
 from recsys.metrics import auc, evaluate_predictions
+from tables.collisionless import (
+    bind_ownership,
+    collisionless_transforms,
+    format_report,
+    table_report,
+)
 from tables.sharding import combined_optimizer, shard_model
 from tables.vocab import build_vocabularies
 
@@ -300,6 +306,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
 
     model = build_model(cfg, load_vocabularies(run_dir), table_device=torch.device("meta"))
+    collisionless = any(collisionless_transforms(model))
+    if collisionless:  # IDs travel to their owners over a gloo group, even next to NCCL
+        bind_ownership(model, rank, dist.new_group(backend="gloo"))
     t = cfg.train
     dmp = shard_model(
         model,
@@ -347,9 +356,12 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             step = progress["step"]
             if step % cfg.train.log_every == 0:
                 last_metrics = meter.snapshot(step, epoch)
+                tables = table_report(dmp.module.sparse, dist.group.WORLD) if collisionless else {}
                 if rank == 0:
                     print(" ".join(f"{k}={v:.4g}" for k, v in last_metrics.items()), flush=True)
-                    meter.write(last_metrics)
+                    if tables:
+                        print(format_report(tables), flush=True)
+                    meter.write({**last_metrics, **({"tables": tables} if tables else {})})
             checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
             if cfg.train.max_steps and step >= cfg.train.max_steps:
                 break
@@ -364,6 +376,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             scores = evaluate_predictions(valid["labels"], valid["probs"], valid["groups"])
             final.update({f"valid_{k}": v for k, v in scores.items()})
     final["skipped_rows"] = loop_config["skipped_rows"]
+    if collisionless:  # counters since the last log line; sizes as at the end
+        final["tables"] = table_report(dmp.module.sparse, dist.group.WORLD)
     if rank == 0:
         meter.write({"final": True, **final})
         print("final " + json.dumps(final, default=float), flush=True)

@@ -148,12 +148,13 @@ class CollisionlessTransform(nn.Module):
         the features as keys; IDs without a row are left out of their bags. Counts are
         key-major, `[len(keys) * stride]`, like the lengths.
         """
-        ids = features.values().to(torch.int64)
-        lengths = features.lengths()
+        device = features.values().device  # maps and gloo work on the CPU
+        ids = features.values().to("cpu", torch.int64)
+        lengths = features.lengths().cpu()
         if event_times is None:
             times = torch.zeros_like(ids)
         else:
-            per_bag = event_times.to(torch.int64).repeat(len(features.keys()))
+            per_bag = event_times.to("cpu", torch.int64).repeat(len(features.keys()))
             times = torch.repeat_interleave(per_bag, lengths.to(torch.int64), output_size=len(ids))
         rows = self._rows_of(ids, times)
         kept = rows >= 0
@@ -165,11 +166,11 @@ class CollisionlessTransform(nn.Module):
         )
         routed = KeyedJaggedTensor(
             keys=features.keys(),
-            values=rows[kept],
-            lengths=lengths - missing.to(lengths.dtype),
+            values=rows[kept].to(device),
+            lengths=(lengths - missing.to(lengths.dtype)).to(device),
             stride=features.stride(),
         )
-        return routed, missing
+        return routed, missing.to(device)
 
     def add_default(self, pooled: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
         """Pooled rows of one feature plus its bags' IDs without rows, each the default."""
@@ -354,6 +355,19 @@ def table_report(sparse: nn.Module, group: dist.ProcessGroup | None = None) -> d
         values["load_factor"] = values["live_rows"] / transform.num_rows
         report[transform.name] = values
     return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """One line per table for the training log."""
+    mib = 1 << 20
+    return "\n".join(
+        f"table {name}: live={t['live_rows']} load={t['load_factor']:.3f} "
+        f"admitted={t['admitted']} filtered={t['filtered']} overflowed={t['overflowed']} "
+        f"evicted_lru={t['evicted_lru']} evicted_lfu={t['evicted_lfu']} expired={t['expired']} "
+        f"MiB rows={t['row_bytes'] / mib:.2f} map={t['map_bytes'] / mib:.2f} "
+        f"optimizer={t['optimizer_bytes'] / mib:.2f} filter={t['filter_bytes'] / mib:.2f}"
+        for name, t in report.items()
+    )
 
 
 def save_id_maps(model: nn.Module, directory: Path) -> None:

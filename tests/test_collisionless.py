@@ -20,15 +20,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipelines.build import build_model
+from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, config_from_dict
 from tables.collisionless import (
     CollisionlessTransform,
     bind_ownership,
     initial_rows,
+    load_id_maps,
+    save_id_maps,
     table_report,
     table_storage,
 )
@@ -184,6 +188,40 @@ def test_every_admitted_id_owns_a_distinct_row_at_full_load() -> None:
     assert set(live.tolist()) <= set(ids.tolist())
 
 
+def test_id_maps_round_trip_exactly(tmp_path: Path) -> None:
+    """Save mid-stream, restore into a fresh module: the rest of the stream is identical."""
+    stream = [([[1, 2], [2, 3]], [0, 1]), ([[3, 4, 5]], [9]), ([[1, 6], [7]], [20, 21])]
+    stream += [([[8, 2]], [30]), ([[1, 9, 9]], [41])]
+
+    def run(sparse: PooledEmbeddings, part: list) -> list[torch.Tensor]:
+        return [sparse(_kjt(b), torch.tensor(t)).values().detach() for b, t in part]
+
+    original = _single_table(min_count=2, ttl=15, evict_every=10)
+    run(original, stream[:2])
+    save_id_maps(original, tmp_path)
+    weights = {k: v.clone() for k, v in original.state_dict().items()}
+    expected = run(original, stream[2:])
+
+    restored = _single_table(min_count=2, ttl=15, evict_every=10)
+    restored.load_state_dict(weights)
+    load_id_maps(restored, tmp_path)
+    for got, want in zip(run(restored, stream[2:]), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    a, b = original.transforms["t"], restored.transforms["t"]
+    for s in a.shards:
+        for key, value in a.shards[s].idmap.state_dict().items():
+            assert torch.equal(value, b.shards[s].idmap.state_dict()[key]), key
+        counters = a.shards[s].filter.sketch.counters
+        assert torch.equal(counters, b.shards[s].filter.sketch.counters)
+
+
+def test_restoring_onto_another_worker_count_is_refused(tmp_path: Path) -> None:
+    save_id_maps(_single_table(), tmp_path)
+    transform = CollisionlessTransform("t", ("f",), 4, 1, DIM)
+    with pytest.raises(ValueError, match="checkpoint has 2 shards, this model 1"):
+        load_id_maps(nn.ModuleDict({"t": transform}), tmp_path)
+
+
 def test_shared_table_features_must_be_adjacent() -> None:
     spec = TableSpec("t", ("f", "h"), "collisionless", 8, DIM, "sum", "row_wise")
     hashed = TableSpec("u", ("g",), "hash", 4, DIM, "sum", "auto")
@@ -199,9 +237,7 @@ def test_shared_table_features_must_be_adjacent() -> None:
 # ------------------------------------------------------------------------ 1 vs 2 ranks
 
 
-def _train(rank: int, world: int) -> dict[str, Any]:
-    cfg = _config(world, CAPACITY * 2 // world)
-    torch.manual_seed(0)
+def _sharded(cfg: ExperimentConfig, rank: int) -> tuple[Any, Any]:
     model = build_model(cfg, {}, table_device=torch.device("meta"))
     bind_ownership(model, rank, dist.new_group(backend="gloo"))
     dmp = shard_model(
@@ -212,19 +248,18 @@ def _train(rank: int, world: int) -> dict[str, Any]:
         dist.group.WORLD,
         torch.device("cpu"),
     )
-    # Table rows come from the ID hash; only the dense layers need the same start.
-    torch.manual_seed(1)
-    dense = build_model(cfg, {}, table_device=torch.device("meta")).dense.state_dict()
-    dmp.module.dense.load_state_dict(dense)
-    hashed, _, first = table_storage(dmp.module.sparse.ebc, "c")
-    hashed.copy_(initial_rows(torch.arange(first, first + hashed.shape[0]), DIM, 0.1))
     optimizer = combined_optimizer(
         dmp, "rowwise_adagrad", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.05)
     )
+    return dmp, optimizer
+
+
+def _steps(dmp: Any, optimizer: Any, cfg: ExperimentConfig, steps: range, rank: int) -> list:
+    """Train on the rank's share of the global batches of `steps`; the logits of each."""
     convert = BatchConverter(cfg.features)
-    local = GLOBAL_BATCH // world
+    local = GLOBAL_BATCH // dist.get_world_size()
     logits = []
-    for step in range(STEPS):
+    for step in steps:
         batch = convert(_log(step).slice(rank * local, local))
         out = dmp(batch)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(out, batch.labels)
@@ -232,6 +267,33 @@ def _train(rank: int, world: int) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         logits.append(out.detach().tolist())
+    return logits
+
+
+def _resumes_exactly(
+    cfg: ExperimentConfig, rank: int, dmp: Any, optimizer: Any, ckpt: Path
+) -> bool:
+    """Checkpoint, train on; restore into a fresh sharded model, train on the same: the
+    logits must be bitwise equal (rows, optimizer state, ID maps, filters, clock)."""
+    save_checkpoint(ckpt, dmp, optimizer, {"step": STEPS})
+    after = range(STEPS, STEPS + 2)
+    expected = _steps(dmp, optimizer, cfg, after, rank)
+    fresh, fresh_optimizer = _sharded(cfg, rank)
+    load_checkpoint(ckpt, fresh, fresh_optimizer)
+    return _steps(fresh, fresh_optimizer, cfg, after, rank) == expected
+
+
+def _train(rank: int, world: int, ckpt: Path) -> dict[str, Any]:
+    cfg = _config(world, CAPACITY * 2 // world)
+    torch.manual_seed(0)
+    dmp, optimizer = _sharded(cfg, rank)
+    # Table rows come from the ID hash; only the dense layers need the same start.
+    torch.manual_seed(1)
+    dense = build_model(cfg, {}, table_device=torch.device("meta")).dense.state_dict()
+    dmp.module.dense.load_state_dict(dense)
+    hashed, _, first = table_storage(dmp.module.sparse.ebc, "c")
+    hashed.copy_(initial_rows(torch.arange(first, first + hashed.shape[0]), DIM, 0.1))
+    logits = _steps(dmp, optimizer, cfg, range(STEPS), rank)
     report = table_report(dmp.module.sparse, dist.group.WORLD)
     embeddings: dict[str, dict[int, list[float]]] = {}
     for name in ("a", "b"):
@@ -241,7 +303,14 @@ def _train(rank: int, world: int) -> dict[str, Any]:
         embeddings[name] = dict(zip(ids.tolist(), weight[rows - first].tolist(), strict=True))
     state = {k: v.tolist() for k, v in dmp.module.dense.state_dict().items()}
     state.update({f"default.{n}": dmp.module.sparse.transforms[n].default.tolist() for n in "ab"})
-    return {"logits": logits, "embeddings": embeddings, "dense": state, "report": report}
+    resumed = _resumes_exactly(cfg, rank, dmp, optimizer, ckpt) if world > 1 else True
+    return {
+        "logits": logits,
+        "embeddings": embeddings,
+        "dense": state,
+        "report": report,
+        "resumed": resumed,
+    }
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -254,11 +323,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         timeout=timedelta(seconds=120),
     )
     try:
-        result = _train(rank, world)
+        result = _train(rank, world, Path(out).parent / "checkpoint")
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, result)
         if rank == 0:
             merged = everyone[0]
+            merged["resumed"] = all(r["resumed"] for r in everyone)
             for other in everyone[1:]:
                 pairs = zip(merged["logits"], other["logits"], strict=True)
                 merged["logits"] = [a + b for a, b in pairs]
@@ -297,6 +367,11 @@ def test_two_ranks_learn_what_one_rank_learns(runs: dict[int, dict[str, Any]]) -
             np.testing.assert_allclose(two["embeddings"][name][key], row, atol=1e-5)
     for key, value in one["dense"].items():
         np.testing.assert_allclose(two["dense"][key], value, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_bitwise(runs: dict[int, dict[str, Any]]) -> None:
+    assert runs[2]["resumed"]
 
 
 @pytest.mark.slow
