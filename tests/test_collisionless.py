@@ -16,17 +16,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipelines.build import build_model
+from pipelines.build import build_model, load_trained
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.export import export
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, config_from_dict
+from recsys.serving import ServingModel
 from tables.collisionless import (
     CollisionlessTransform,
     bind_ownership,
@@ -232,6 +236,56 @@ def test_shared_table_features_must_be_adjacent() -> None:
     )
     with pytest.raises(ValueError, match=r"must be adjacent in features\.sparse"):
         sparse(kjt, torch.zeros(1))
+
+
+# ------------------------------------------------------------------------ export
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two workers' shards held in one process, trained 4 steps, checkpointed as a run."""
+    cfg = _config(workers=2, capacity=64)
+    run_dir = tmp_path_factory.mktemp("run")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    torch.manual_seed(0)
+    model = build_model(cfg, {})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert = BatchConverter(cfg.features)
+    for step in range(4):
+        batch = convert(_log(step))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    checkpoint = run_dir / "checkpoint_step00000004"
+    checkpoint.mkdir()
+    save_checkpoint(checkpoint, model, optimizer, {"step": 4, "epoch": 0})
+    return run_dir
+
+
+def test_export_holds_live_rows_and_serves_what_the_model_scores(run: Path, tmp_path: Path) -> None:
+    cfg, model, _ = load_trained(run)
+    export(run, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entries = {e["name"]: e for e in manifest["tables"]}
+    for name in ("a", "b"):
+        transform = model.sparse.transforms[name]
+        ids, rows = transform.live_rows()
+        table = pq.read_table(tmp_path / entries[name]["files"][0])
+        assert table.column("id").to_pylist() == ids.tolist()
+        weights = model.sparse.ebc.embedding_bags[name].weight.detach()
+        np.testing.assert_array_equal(
+            np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), weights[rows]
+        )
+        assert entries[name]["lookup"] == "id"
+        assert entries[name]["default_embedding"] == transform.default.detach().tolist()
+    # Day 5: a's IDs of days 0-2 expired (ttl 2 days), new ones never seen: both default.
+    data = _log(5)
+    assert not set(data.column("a").to_pylist()) & set(
+        model.sparse.transforms["a"].live_rows()[0].tolist()
+    ) - {-(2**63), 2**63 - 1}
+    with torch.no_grad():
+        expected = torch.sigmoid(model(BatchConverter(cfg.features)(data))).numpy()
+    served = ServingModel(tmp_path).predict_table(data)
+    np.testing.assert_allclose(served, expected, atol=1e-6)
 
 
 # ------------------------------------------------------------------------ 1 vs 2 ranks
