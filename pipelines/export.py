@@ -5,6 +5,10 @@ raw IDs for collisionless ones, row numbers for hashed ones), so a reader maps I
 binary search; IDs without a row read the table's `default_embedding`; multiplexed and
 quotient-remainder tables also write each feature's hash salts (see recsys.export_format).
 The dense architecture is a `torch.export` program with a dynamic batch dimension.
+
+`since` makes an incremental export on top of an earlier one (Monolith's parameter sync):
+collisionless tables then hold only the rows trained after that export plus the IDs that
+lost their rows since; the other tables and the dense program are written whole.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from pipelines.build import load_trained
 from recsys.export_format import (
+    DELTA_FORMAT_VERSION,
     DENSE_PROGRAM,
     FORMAT_VERSION,
     HASH,
@@ -27,6 +33,7 @@ from recsys.export_format import (
     ROWS_PER_FILE,
     embedding_table,
 )
+from recsys.serving import load_tables
 from tables.collisionless import CollisionlessTransform
 from tables.multiplexed import VirtualFeatureTransform
 from tables.pooled import TableSpec
@@ -63,11 +70,48 @@ def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[st
     }
 
 
-def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
+def _write_ids(out: Path, name: str, ids: np.ndarray) -> list[str]:
+    path = out / "deleted" / f"{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), path)
+    return [str(path.relative_to(out))]
+
+
+def _collisionless_rows(
+    transform: CollisionlessTransform, entry: dict[str, Any], out: Path, previous: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(IDs, rows) to write: every live row, or for an incremental export the rows trained
+    since the previous export, with the IDs served then and rowless now as deletions."""
+    entry["lookup"] = "id"
+    entry["default_embedding"] = transform.default.detach().tolist()
+    entry["trained_steps"] = transform.steps
+    if previous is None:
+        ids, rows = transform.live_rows()
+        return ids.numpy(), rows.numpy()
+    manifest, served = previous
+    (before,) = [t for t in manifest["tables"] if t["name"] == entry["name"]]
+    if before["trained_steps"] > transform.steps:
+        raise ValueError(
+            f"table {entry['name']!r}: the base export saw {before['trained_steps']} training "
+            f"steps, this checkpoint only {transform.steps}"
+        )
+    ids, rows = transform.touched_since(before["trained_steps"])
+    gone = np.setdiff1d(served[entry["name"]].ids.numpy(), transform.live_rows()[0].numpy())
+    entry.update(delta=True, deleted=len(gone), deleted_files=_write_ids(out, entry["name"], gone))
+    return ids.numpy(), rows.numpy()
+
+
+def export(
+    run: str | Path, out: str | Path, dtype: str | None = None, since: str | Path | None = None
+) -> dict[str, Any]:
     cfg, model, progress = load_trained(run)
     dtype = dtype or cfg.export.dtype
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if since is not None:
+        since = Path(since).resolve()
+        previous = (json.loads((since / MANIFEST).read_text()), load_tables(since))
     tables = []
     for spec in model.sparse.specs:
         weights = _table_rows(model, spec.name)
@@ -86,10 +130,8 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
             entry["lookup"] = "id"
             entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()
         elif isinstance(transform, CollisionlessTransform):
-            live_ids, live_rows = transform.live_rows()
-            ids, rows = live_ids.numpy(), weights[live_rows.numpy()]
-            entry["lookup"] = "id"
-            entry["default_embedding"] = transform.default.detach().tolist()
+            ids, live = _collisionless_rows(transform, entry, out, previous)
+            rows = weights[live]
         elif isinstance(transform, VirtualFeatureTransform):
             ids = np.arange(spec.num_rows, dtype=np.int64)
             rows = weights
@@ -113,7 +155,8 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
     )
     torch.export.save(program, out / DENSE_PROGRAM)
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if since is None else DELTA_FORMAT_VERSION,
+        **({} if since is None else {"base": str(since)}),
         "features": f.model_dump(mode="json"),
         "input": {
             "dense": [d.name for d in f.dense],

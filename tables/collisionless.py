@@ -16,6 +16,9 @@ to IDs (new and recycled slots alike) are reset in the fbgemm TBE before the loo
 weights from a hash of the ID, so an ID starts the same whatever the slot or world size,
 and zero optimizer state.
 
+Each row also keeps the training step that last touched it, so an incremental export can
+write only the rows trained since the previous one (`touched_since`).
+
 The maps are per-rank state: they are kept out of the module's parameters and buffers, so
 DDP never broadcasts them and DCP never deduplicates them across ranks; `save_id_maps` /
 `load_id_maps` write and read one file per shard. Unsharded (evaluation, export) the module
@@ -63,10 +66,12 @@ class TableCounters:
 
 @dataclass
 class _Shard:
-    """One rank's part of a table: the ID map of its buckets and their frequency filter."""
+    """One rank's part of a table: the ID map of its buckets, their frequency filter and
+    the training step that last touched each row (-1: never)."""
 
     idmap: IdMap
     filter: FrequencyFilter
+    touched: torch.Tensor
 
 
 class CollisionlessTransform(nn.Module):
@@ -114,6 +119,7 @@ class CollisionlessTransform(nn.Module):
         self.rank: int | None = None
         self.group: dist.ProcessGroup | None = None
         self.last_pass: int | None = None  # index of the last expiry interval seen
+        self.steps = 0  # training forwards so far, the same on every rank
         self.counters = TableCounters()
         self._fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, ids) to reset
 
@@ -121,6 +127,7 @@ class CollisionlessTransform(nn.Module):
         return _Shard(
             IdMap(self.capacity, self.policy),
             FrequencyFilter(self.min_count, width=self.filter_width, depth=FILTER_DEPTH),
+            torch.full((self.capacity,), -1, dtype=torch.int64),
         )
 
     @property
@@ -156,6 +163,7 @@ class CollisionlessTransform(nn.Module):
         else:
             per_bag = event_times.to("cpu", torch.int64).repeat(len(features.keys()))
             times = torch.repeat_interleave(per_bag, lengths.to(torch.int64), output_size=len(ids))
+        self.steps += int(self.training)
         rows = self._rows_of(ids, times)
         kept = rows >= 0
         bag = torch.repeat_interleave(
@@ -227,6 +235,7 @@ class CollisionlessTransform(nn.Module):
             result = part.idmap.lookup_or_insert(ids, admit_mask=admit, now=times)
             self.counters.map += result.stats
             slots = result.slots
+            part.touched.index_fill_(0, slots[slots >= 0], self.steps)
             if result.new_slots.numel():
                 new_ids = part.idmap.row_ids.index_select(0, result.new_slots)
                 self._fresh.append((result.new_slots + shard * self.capacity, new_ids))
@@ -262,6 +271,14 @@ class CollisionlessTransform(nn.Module):
         order = torch.argsort(all_ids)
         return all_ids[order], all_rows[order]
 
+    def touched_since(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(IDs, global rows) of live rows trained in a step after `step`, sorted by ID."""
+        ids, rows = self.live_rows()
+        held = torch.stack([self.shards[s].touched for s in sorted(self.shards)])
+        shard, slot = rows // self.capacity - min(self.shards), rows % self.capacity
+        keep = held[shard, slot] > step
+        return ids[keep], rows[keep]
+
     def take_counters(self) -> TableCounters:
         counters, self.counters = self.counters, TableCounters()
         return counters
@@ -269,7 +286,10 @@ class CollisionlessTransform(nn.Module):
     def memory(self) -> dict[str, int]:
         """Bytes held here: ID maps (keys, values, reverse map, times, counts) and filters."""
         return {
-            "map_bytes": sum(sum(s.idmap.state_bytes().values()) for s in self.shards.values()),
+            "map_bytes": sum(
+                sum(s.idmap.state_bytes().values()) + s.touched.numel() * 8
+                for s in self.shards.values()
+            ),
             "filter_bytes": sum(s.filter.state_bytes()["filter"] for s in self.shards.values()),
         }
 
@@ -279,7 +299,9 @@ class CollisionlessTransform(nn.Module):
             "num_shards": self.num_shards,
             "idmap": part.idmap.state_dict(),
             "filter": part.filter.state_dict(),
+            "touched": part.touched,
             "last_pass": self.last_pass,
+            "steps": self.steps,
         }
 
     def load_shard_state(self, shard: int, state: dict[str, Any]) -> None:
@@ -291,8 +313,9 @@ class CollisionlessTransform(nn.Module):
         part = self._new_shard()
         part.idmap.load_state_dict(state["idmap"])
         part.filter.load_state_dict(state["filter"])
+        part.touched = state["touched"]
         self.shards[shard] = part
-        self.last_pass = state["last_pass"]
+        self.last_pass, self.steps = state["last_pass"], state["steps"]
         self._fresh = []
 
     def extra_repr(self) -> str:

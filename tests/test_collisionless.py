@@ -30,7 +30,7 @@ from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.export import export
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, config_from_dict
-from recsys.serving import ServingModel
+from recsys.serving import ServingModel, load_tables
 from tables.collisionless import (
     CollisionlessTransform,
     bind_ownership,
@@ -241,7 +241,8 @@ def test_shared_table_features_must_be_adjacent() -> None:
 # ------------------------------------------------------------------------ export
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two workers' shards held in one process, trained 4 steps, checkpointed as a run."""
+    """Two workers' shards held in one process, trained on days 0-5 with a checkpoint
+    after day 2 and one after day 5."""
     cfg = _config(workers=2, capacity=64)
     run_dir = tmp_path_factory.mktemp("run")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -249,15 +250,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model(cfg, {})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     convert = BatchConverter(cfg.features)
-    for step in range(4):
+    for step in range(6):
         batch = convert(_log(step))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    checkpoint = run_dir / "checkpoint_step00000004"
-    checkpoint.mkdir()
-    save_checkpoint(checkpoint, model, optimizer, {"step": 4, "epoch": 0})
+        if step in (2, 5):
+            checkpoint = run_dir / f"checkpoint_step{step + 1:08d}"
+            checkpoint.mkdir()
+            save_checkpoint(checkpoint, model, optimizer, {"step": step + 1, "epoch": 0})
     return run_dir
 
 
@@ -277,8 +279,7 @@ def test_export_holds_live_rows_and_serves_what_the_model_scores(run: Path, tmp_
         )
         assert entries[name]["lookup"] == "id"
         assert entries[name]["default_embedding"] == transform.default.detach().tolist()
-    # Day 5: a's IDs of days 0-2 expired (ttl 2 days), new ones never seen: both default.
-    data = _log(5)
+    data = _log(7)  # a's IDs of day 7 were never seen: they read the default
     assert not set(data.column("a").to_pylist()) & set(
         model.sparse.transforms["a"].live_rows()[0].tolist()
     ) - {-(2**63), 2**63 - 1}
@@ -286,6 +287,31 @@ def test_export_holds_live_rows_and_serves_what_the_model_scores(run: Path, tmp_
         expected = torch.sigmoid(model(BatchConverter(cfg.features)(data))).numpy()
     served = ServingModel(tmp_path).predict_table(data)
     np.testing.assert_allclose(served, expected, atol=1e-6)
+
+
+def test_incremental_export_applies_to_its_base(run: Path, tmp_path: Path) -> None:
+    """Export after day 2, then day 5 since it: base + delta serves as the full export of
+    day 5 does, while the delta holds only the rows trained on days 3-5."""
+    export(run / "checkpoint_step00000003", tmp_path / "base")
+    export(run, tmp_path / "delta", since=tmp_path / "base")
+    export(run, tmp_path / "full")
+    full = load_tables(tmp_path / "full")
+    applied = load_tables(tmp_path / "delta")
+    manifest = json.loads((tmp_path / "delta" / "manifest.json").read_text())
+    deltas = {e["name"]: e for e in manifest["tables"] if e.get("delta")}
+    assert set(deltas) == {"a", "b"} and manifest["format_version"] == 3
+    for name, entry in deltas.items():
+        assert torch.equal(applied[name].ids, full[name].ids)
+        assert torch.equal(applied[name].weights, full[name].weights)
+        assert entry["rows"] < len(full[name].ids) or name == "a"
+    assert deltas["a"]["deleted"] > 0  # a's day 0-2 IDs expired by day 5 (ttl: 2 days)
+    data = pa.concat_tables([_log(day) for day in range(8)])
+    np.testing.assert_array_equal(
+        ServingModel(tmp_path / "delta").predict_table(data),
+        ServingModel(tmp_path / "full").predict_table(data),
+    )
+    with pytest.raises(ValueError, match="base export saw 6 training steps"):
+        export(run / "checkpoint_step00000003", tmp_path / "backwards", since=tmp_path / "full")
 
 
 # ------------------------------------------------------------------------ 1 vs 2 ranks
