@@ -122,6 +122,7 @@ class CollisionlessTransform(nn.Module):
         self.steps = 0  # training forwards so far, the same on every rank
         self.counters = TableCounters()
         self._fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, ids) to reset
+        self._storage: tuple[nn.Module, Any] | None = None  # (collection, `table_storage`)
 
     def _new_shard(self) -> _Shard:
         return _Shard(
@@ -141,8 +142,8 @@ class CollisionlessTransform(nn.Module):
                 f"table {self.name!r} was built for {self.num_shards} workers, "
                 f"the process group has {group.size()}"
             )
-        self.rank, self.group = rank, group
-        self.shards = {rank: self.shards[rank]}
+        self.rank, self.shards = rank, {rank: self.shards[rank]}
+        self.group = group if group.size() > 1 else None  # one rank routes locally
 
     # ---- forward -----------------------------------------------------------------------
 
@@ -153,32 +154,10 @@ class CollisionlessTransform(nn.Module):
 
         `event_times` holds one time per sample (the batch's timestamps). The output keeps
         the features as keys; IDs without a row are left out of their bags. Counts are
-        key-major, `[len(keys) * stride]`, like the lengths.
+        key-major, `[len(keys) * stride]`, like the lengths. `route_tables` does the same
+        for several tables with one exchange.
         """
-        device = features.values().device  # maps and gloo work on the CPU
-        ids = features.values().to("cpu", torch.int64)
-        lengths = features.lengths().cpu()
-        if event_times is None:
-            times = torch.zeros_like(ids)
-        else:
-            per_bag = event_times.to("cpu", torch.int64).repeat(len(features.keys()))
-            times = torch.repeat_interleave(per_bag, lengths.to(torch.int64), output_size=len(ids))
-        self.steps += int(self.training)
-        rows = self._rows_of(ids, times)
-        kept = rows >= 0
-        bag = torch.repeat_interleave(
-            torch.arange(lengths.numel()), lengths.to(torch.int64), output_size=len(ids)
-        )
-        missing = torch.zeros(lengths.numel(), dtype=torch.int64).index_add_(
-            0, bag, (~kept).to(torch.int64)
-        )
-        routed = KeyedJaggedTensor(
-            keys=features.keys(),
-            values=rows[kept].to(device),
-            lengths=(lengths - missing.to(lengths.dtype)).to(device),
-            stride=features.stride(),
-        )
-        return routed, missing.to(device)
+        return route_tables([(self, features)], event_times)[0]
 
     def add_default(self, pooled: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
         """Pooled rows of one feature plus its bags' IDs without rows, each the default."""
@@ -187,31 +166,15 @@ class CollisionlessTransform(nn.Module):
     def _owner(self, ids: torch.Tensor) -> torch.Tensor:
         return owner_of(bucket_of(ids, self.buckets), self.buckets, self.num_shards)
 
-    def _rows_of(self, ids: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-        """Global row per ID (-1: none), asking each ID's owner."""
+    def _rows_local(self, ids: torch.Tensor, times: torch.Tensor, now: int) -> torch.Tensor:
+        """Global row per ID (-1: none) from the shards held here (no other ranks)."""
         owner = self._owner(ids)
-        local_now = int(times.max()) if times.numel() else _I64_MIN
-        if self.group is None:
-            self._advance_clock(local_now)
-            rows = torch.full_like(ids, -1)
-            for s in self.shards:
-                at = (owner == s).nonzero().squeeze(1)
-                rows.index_copy_(0, at, self._serve(s, ids[at], times[at]))
-            return rows
-        order = torch.argsort(owner, stable=True)
-        sent = torch.bincount(owner, minlength=self.num_shards)
-        header = torch.stack([sent, torch.full_like(sent, local_now)], 1)
-        heard = torch.empty_like(header)
-        dist.all_to_all_single(heard, header, group=self.group)
-        received = heard[:, 0]
-        self._advance_clock(max(local_now, int(heard[:, 1].max())))
-        payload = torch.stack([ids[order], times[order]], 1)
-        inbox = torch.empty(int(received.sum()), 2, dtype=torch.int64)
-        dist.all_to_all_single(inbox, payload, received.tolist(), sent.tolist(), group=self.group)
-        answer = self._serve(self.rank, inbox[:, 0], inbox[:, 1])  # type: ignore[arg-type]
-        back = torch.empty_like(ids)
-        dist.all_to_all_single(back, answer, sent.tolist(), received.tolist(), group=self.group)
-        return torch.empty_like(back).index_copy_(0, order, back)
+        self._advance_clock(now)
+        rows = torch.full_like(ids, -1)
+        for s in self.shards:
+            at = (owner == s).nonzero().squeeze(1)
+            rows.index_copy_(0, at, self._serve(s, ids[at], times[at]))
+        return rows
 
     def _advance_clock(self, now: int) -> None:
         """Expiry passes, driven by the newest event time of all ranks (deterministic)."""
@@ -252,9 +215,12 @@ class CollisionlessTransform(nn.Module):
         rows = torch.cat([r for r, _ in self._fresh])
         ids = torch.cat([i for _, i in self._fresh])
         self._fresh = []
-        weight, states, first_row = table_storage(ebc, self.name)
-        local = rows - first_row
-        weight.index_copy_(0, local, initial_rows(ids, self.dim, self.init_bound))
+        if self._storage is None or self._storage[0] is not ebc:
+            self._storage = (ebc, table_storage(ebc, self.name))
+        weight, states, first_row = self._storage[1]
+        local = (rows - first_row).to(weight.device)
+        init = initial_rows(ids, self.dim, self.init_bound)
+        weight.index_copy_(0, local, init.to(weight.device, weight.dtype))
         for state in states:
             state.index_fill_(0, local, 0)
 
@@ -316,13 +282,95 @@ class CollisionlessTransform(nn.Module):
         part.touched = state["touched"]
         self.shards[shard] = part
         self.last_pass, self.steps = state["last_pass"], state["steps"]
-        self._fresh = []
+        self._fresh, self._storage = [], None
 
     def extra_repr(self) -> str:
         return (
             f"table={self.name!r}, capacity={self.capacity} x {self.num_shards}, "
             f"min_count={self.min_count}, ttl={self.ttl}, policy={self.policy}"
         )
+
+
+def _exchange(
+    transforms: list[CollisionlessTransform],
+    ids: list[torch.Tensor],
+    times: list[torch.Tensor],
+    local_now: int,
+) -> list[torch.Tensor]:
+    """Global rows for every table's IDs, one all_to_all round trip for all tables.
+
+    Each (table, ID, time) goes to the ID's owner; owners advance their clocks to the
+    newest time of all ranks, serve table by table and send the rows back.
+    """
+    first = transforms[0]
+    group, world = first.group, first.num_shards
+    sizes = [len(i) for i in ids]
+    table = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(sizes))
+    flat_ids, flat_times = torch.cat(ids), torch.cat(times)
+    owner = torch.cat([t._owner(i) for t, i in zip(transforms, ids, strict=True)])
+    order = torch.argsort(owner, stable=True)
+    sent = torch.bincount(owner, minlength=world)
+    header = torch.stack([sent, torch.full_like(sent, local_now)], 1)
+    heard = torch.empty_like(header)
+    dist.all_to_all_single(heard, header, group=group)
+    received = heard[:, 0]
+    now = max(local_now, int(heard[:, 1].max()))
+    payload = torch.stack([table, flat_ids, flat_times], 1).index_select(0, order)
+    inbox = torch.empty(int(received.sum()), 3, dtype=torch.int64)
+    dist.all_to_all_single(inbox, payload, received.tolist(), sent.tolist(), group=group)
+    answer = torch.empty(len(inbox), dtype=torch.int64)
+    for k, transform in enumerate(transforms):
+        transform._advance_clock(now)
+        at = (inbox[:, 0] == k).nonzero().squeeze(1)
+        rows = transform._serve(transform.rank, inbox[at, 1], inbox[at, 2])  # type: ignore[arg-type]
+        answer.index_copy_(0, at, rows)
+    back = torch.empty_like(flat_ids)
+    dist.all_to_all_single(back, answer, sent.tolist(), received.tolist(), group=group)
+    return list(torch.empty_like(back).index_copy_(0, order, back).split(sizes))
+
+
+def route_tables(
+    tables: list[tuple[CollisionlessTransform, KeyedJaggedTensor]],
+    event_times: torch.Tensor | None,
+) -> list[tuple[KeyedJaggedTensor, torch.Tensor]]:
+    """`CollisionlessTransform.route` for several tables: one exchange between ranks for
+    all of them (bound tables share one group), not one per table."""
+    device = tables[0][1].values().device  # maps and gloo work on the CPU
+    ids, times, lengths = [], [], []
+    for transform, features in tables:
+        values = features.values().to("cpu", torch.int64)
+        bags = features.lengths().to("cpu", torch.int64)
+        if event_times is None:
+            times.append(torch.zeros_like(values))
+        else:
+            per_bag = event_times.to("cpu", torch.int64).repeat(len(features.keys()))
+            times.append(torch.repeat_interleave(per_bag, bags, output_size=len(values)))
+        ids.append(values)
+        lengths.append(bags)
+        transform.steps += int(transform.training)
+    transforms = [t for t, _ in tables]
+    # The batch's newest event time drives every table's expiry clock alike.
+    now = int(event_times.max()) if event_times is not None and event_times.numel() else _I64_MIN
+    if all(t.group is None for t in transforms):
+        triples = zip(transforms, ids, times, strict=True)
+        rows = [t._rows_local(i, ts, now) for t, i, ts in triples]
+    else:
+        rows = _exchange(transforms, ids, times, now)
+    out = []
+    for (_, features), found, bags in zip(tables, rows, lengths, strict=True):
+        kept = found >= 0
+        bag = torch.repeat_interleave(torch.arange(bags.numel()), bags, output_size=len(found))
+        missing = torch.zeros(bags.numel(), dtype=torch.int64).index_add_(
+            0, bag, (~kept).to(torch.int64)
+        )
+        routed = KeyedJaggedTensor(
+            keys=features.keys(),
+            values=found[kept].to(device),
+            lengths=(bags - missing).to(device, features.lengths().dtype),
+            stride=features.stride(),
+        )
+        out.append((routed, missing.to(device)))
+    return out
 
 
 def table_storage(ebc: nn.Module, table: str) -> tuple[torch.Tensor, list[torch.Tensor], int]:

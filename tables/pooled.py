@@ -25,7 +25,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.config import ExperimentConfig, TableConfig
-from tables.collisionless import CollisionlessTransform
+from tables.collisionless import CollisionlessTransform, route_tables
 from tables.multiplexed import (
     MultiplexedTransform,
     QuotientRemainderTransform,
@@ -284,12 +284,16 @@ class PooledEmbeddings(nn.Module):
                 f"{sorted(k for k in routed if routed.count(k) > 1)}"
             )
         parts = [features] if len(kinds) == 1 else features.split(sizes)
+        pending = [
+            (self.transforms[k], p) for k, p in zip(kinds, parts, strict=True) if k in self.routing
+        ]
+        routed = iter(route_tables(pending, event_times) if pending else [])
         out, missing = [], {}
         for kind, part in zip(kinds, parts, strict=True):
             if kind is None:
                 out.append(self._remap_values(part))
             elif kind in self.routing:
-                rows, counts = self.transforms[kind].route(part, event_times)
+                rows, counts = next(routed)
                 out.append(rows)
                 missing.update(zip(part.keys(), counts.view(len(part.keys()), -1), strict=True))
             else:
