@@ -307,8 +307,10 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
     model = build_model(cfg, load_vocabularies(run_dir), table_device=torch.device("meta"))
     collisionless = any(collisionless_transforms(model))
-    if collisionless:  # IDs travel to their owners over a gloo group, even next to NCCL
-        bind_ownership(model, rank, dist.new_group(backend="gloo"))
+    # IDs (and table stats) travel between ranks over a gloo group, even next to NCCL.
+    gloo = dist.new_group(backend="gloo") if collisionless else None
+    if gloo is not None:
+        bind_ownership(model, rank, gloo)
     t = cfg.train
     dmp = shard_model(
         model,
@@ -356,7 +358,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             step = progress["step"]
             if step % cfg.train.log_every == 0:
                 last_metrics = meter.snapshot(step, epoch)
-                tables = table_report(dmp.module.sparse, dist.group.WORLD) if collisionless else {}
+                tables = table_report(dmp.module.sparse, gloo) if collisionless else {}
                 if rank == 0:
                     print(" ".join(f"{k}={v:.4g}" for k, v in last_metrics.items()), flush=True)
                     if tables:
@@ -377,7 +379,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             final.update({f"valid_{k}": v for k, v in scores.items()})
     final["skipped_rows"] = loop_config["skipped_rows"]
     if collisionless:  # counters since the last log line; sizes as at the end
-        final["tables"] = table_report(dmp.module.sparse, dist.group.WORLD)
+        final["tables"] = table_report(dmp.module.sparse, gloo)
     if rank == 0:
         meter.write({"final": True, **final})
         print("final " + json.dumps(final, default=float), flush=True)
