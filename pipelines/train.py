@@ -46,6 +46,12 @@ from recsys.config import ConfigError, ExperimentConfig
 from recsys.contract import BadRowCounts, validate_table
 from recsys.logs import parquet_files, read_validated
 from recsys.metrics import auc, evaluate_predictions
+from tables.collisionless import (
+    bind_ownership,
+    collisionless_transforms,
+    format_report,
+    table_report,
+)
 from tables.sharding import combined_optimizer, shard_model
 from tables.vocab import build_vocabularies
 
@@ -331,7 +337,13 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         table_device=torch.device("meta"),
         keep=load_keep_masks(run_dir),
     )
-    regularizer = getattr(model.sparse, "regularizer", None)  # optembed's threshold term
+    # optembed's threshold term (CTR models only: sequence models have no `sparse`)
+    regularizer = getattr(getattr(model, "sparse", None), "regularizer", None)
+    collisionless = any(collisionless_transforms(model))
+    # IDs (and table stats) travel between ranks over a gloo group, even next to NCCL.
+    gloo = dist.new_group(backend="gloo") if collisionless else None
+    if gloo is not None:
+        bind_ownership(model, rank, gloo)
     t = cfg.train
     dmp = shard_model(
         model,
@@ -383,9 +395,12 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             step = progress["step"]
             if step % cfg.train.log_every == 0:
                 last_metrics = meter.snapshot(step, epoch)
+                tables = table_report(dmp.module.sparse, gloo) if collisionless else {}
                 if rank == 0:
                     print(" ".join(f"{k}={v:.4g}" for k, v in last_metrics.items()), flush=True)
-                    meter.write(last_metrics)
+                    if tables:
+                        print(format_report(tables), flush=True)
+                    meter.write({**last_metrics, **({"tables": tables} if tables else {})})
             checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
             if cfg.train.max_steps and step >= cfg.train.max_steps:
                 break
@@ -400,6 +415,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             scores = evaluate_predictions(valid["labels"], valid["probs"], valid["groups"])
             final.update({f"valid_{k}": v for k, v in scores.items()})
     final["skipped_rows"] = loop_config["skipped_rows"]
+    if collisionless:  # counters since the last log line; sizes as at the end
+        final["tables"] = table_report(dmp.module.sparse, gloo)
     if rank == 0:
         meter.write({"final": True, **final})
         print("final " + json.dumps(final, default=float), flush=True)

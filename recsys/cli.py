@@ -96,7 +96,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     import importlib
 
     export = importlib.import_module("pipelines.export").export
-    print(json.dumps(export(args.checkpoint, args.out, dtype=args.dtype), indent=2))
+    result = export(args.checkpoint, args.out, dtype=args.dtype, since=args.since)
+    print(json.dumps(result, indent=2))
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")
     p.add_argument("--out", required=True, help="export directory")
     p.add_argument("--dtype", choices=["float32", "float16", "int8"], help="table storage")
+    p.add_argument(
+        "--since",
+        help="an earlier export: write only collisionless rows trained since, plus deletions",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="score a Parquet log from an export directory alone")

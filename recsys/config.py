@@ -136,20 +136,40 @@ class TableConfig(_Strict):
     `embedding_dim` for representations, each a `storage` table (`full` or `hash`).
     `optembed` (learned row pruning and searched per-feature dims; see `OptEmbedConfig`)
     keeps its rows as a `storage` table, `full` or `hash`, which it reads as that variant does.
+    `collisionless` (Monolith: every admitted raw ID owns a row through a dynamic ID map;
+    `capacity` rows per training worker, IDs sharded over workers by hash bucket, a
+    frequency filter (`min_count`), expiry (`ttl`) and a policy when full).
     """
 
     name: str | None = None
     features: list[str]
     shared: bool = False
-    variant: Literal["full", "hash", "multiplexed", "qr", "decoupled", "optembed"] = "full"
+    variant: Literal[
+        "full", "hash", "multiplexed", "qr", "collisionless", "decoupled", "optembed"
+    ] = "full"
     # full: optional cap on vocabulary rows; hash: buckets per table; multiplexed: rows of
     # the shared table; qr: rows per feature over its two tables.
     num_embeddings: PositiveInt | None = None
     embedding_dim: PositiveInt = 64
     # multiplexed: lookups per feature, one number for all or per feature (others get 1).
     probes: PositiveInt | dict[str, PositiveInt] | None = None
-    # full: IDs seen fewer times than this in the training logs go to the OOV row.
+    # full: IDs seen fewer times than this in the training logs go to the OOV row;
+    # collisionless: an ID gets a row at its min_count-th sighting (count-min filter), and
+    # reads the table's default embedding until then.
     min_count: PositiveInt = 1
+    # collisionless: rows per training worker (the table has capacity * train.workers rows).
+    capacity: PositiveInt | None = None
+    # collisionless: rows unseen for `ttl` seconds of event time (the log's timestamp column)
+    # are freed, checked every `evict_every` seconds of event time; None never expires.
+    ttl: PositiveInt | None = None
+    evict_every: PositiveInt = 3600
+    # collisionless: when no row is free, evict the least recently / least often seen rows.
+    policy: Literal["evict_lru", "evict_lfu"] = "evict_lru"
+    # collisionless: count-min filter cells per row of its 4 (power of two; default: the
+    # smallest power of two >= 2 * capacity); only used when min_count > 1.
+    filter_width: PositiveInt | None = None
+    # collisionless: hash buckets that own IDs; each worker owns a contiguous range of them.
+    buckets: PositiveInt = 4096
     pooling: Literal["sum", "mean"] = "sum"
     sharding: Sharding = "auto"
     # decoupled: width of the attention table (default embedding_dim).
@@ -193,6 +213,7 @@ class TableConfig(_Strict):
                 raise ValueError("variant 'qr' gives every feature its own tables: not shared")
             if self.num_embeddings is not None and self.num_embeddings < 2:
                 raise ValueError("variant 'qr' needs num_embeddings >= 2 (one row per table)")
+        self._check_collisionless()
         if self.probes is not None and not self._multiplexed:
             raise ValueError(f"probes is only for variant 'multiplexed', not {self.variant!r}")
         if isinstance(self.probes, dict):
@@ -200,6 +221,28 @@ class TableConfig(_Strict):
             if unknown:
                 raise ValueError(f"probes names features not in this table: {unknown}")
         return self
+
+    def _check_collisionless(self) -> None:
+        if self.variant != "collisionless":
+            for key, default in _COLLISIONLESS_DEFAULTS.items():
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key} is only for variant 'collisionless'")
+            return
+        if self.capacity is None:
+            raise ValueError("variant 'collisionless' needs capacity (rows per worker)")
+        if self.num_embeddings is not None:
+            raise ValueError(
+                "variant 'collisionless' sizes its table by capacity (rows per worker), "
+                "not num_embeddings"
+            )
+        if self.sharding not in ("auto", "row_wise"):
+            raise ValueError(
+                f"variant 'collisionless' is sharded row-wise by ID ownership; "
+                f"sharding {self.sharding!r} is not possible (use auto or row_wise)"
+            )
+        width = self.filter_width
+        if width is not None and width & (width - 1):
+            raise ValueError(f"filter_width must be a power of two, got {width}")
 
     @property
     def uses_vocabulary(self) -> bool:
@@ -234,6 +277,12 @@ class TableConfig(_Strict):
         if isinstance(self.probes, dict):
             return self.probes.get(feature, 1)
         return self.probes or 1
+
+
+_COLLISIONLESS_DEFAULTS = {
+    k: TableConfig.model_fields[k].default
+    for k in ("capacity", "ttl", "evict_every", "policy", "filter_width", "buckets")
+}
 
 
 # --------------------------------------------------------------------------- model
@@ -448,10 +497,16 @@ class ExperimentConfig(_Strict):
                     f"(got {self.model.dense_arch[-1]}) for the dot interaction"
                 )
         self._check_optembed()
+        for i, table in enumerate(self.tables):
+            if table.variant == "collisionless" and table.buckets < self.train.workers:
+                raise ValueError(
+                    f"tables[{i}].buckets: {table.buckets} buckets cannot be owned by "
+                    f"{self.train.workers} workers (train.workers)"
+                )
         hashed = {
             f: t.variant
             for t in self.tables
-            if t.variant in ("multiplexed", "qr", "optembed")
+            if t.variant in ("multiplexed", "qr", "optembed", "collisionless")
             for f in t.features
         }
         for seq in self.features.sequences:

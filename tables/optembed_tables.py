@@ -169,7 +169,10 @@ class OptEmbedEmbeddings(nn.Module):
             stride=features.stride(),
         )
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def forward(
+        self, features: KeyedJaggedTensor, event_times: torch.Tensor | None = None
+    ) -> KeyedTensor:
+        """Like `PooledEmbeddings.forward`; `event_times` is unused (no expiry here)."""
         if self._order is None:
             position = {k: i for i, k in enumerate(features.keys())}
             try:
