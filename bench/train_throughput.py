@@ -152,7 +152,9 @@ class PlainPooled(nn.Module):
             {f: nn.EmbeddingBag(rows, dim, mode="sum", sparse=True) for f in features}
         )
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def forward(
+        self, features: KeyedJaggedTensor, event_times: torch.Tensor | None = None
+    ) -> KeyedTensor:
         per_feature = features.to_dict()
         pooled = [
             self.bags[f](self.hash(jt.values()), jt.offsets()[:-1]) for f, jt in per_feature.items()

@@ -9,8 +9,9 @@ from recsys.batch import Batch
 
 
 class RankingModel(nn.Module):
-    """`sparse` maps raw-ID features to pooled embeddings (`KeyedTensor`); `dense` maps
-    (dense features, concatenated embeddings) to logits. Neither knows the other's kind."""
+    """`sparse` maps raw-ID features and the samples' event times to pooled embeddings
+    (`KeyedTensor`); `dense` maps (dense features, concatenated embeddings) to logits.
+    Neither knows the other's kind."""
 
     def __init__(self, sparse: nn.Module, dense: nn.Module) -> None:
         super().__init__()
@@ -18,4 +19,4 @@ class RankingModel(nn.Module):
         self.dense = dense
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.dense(batch.dense, self.sparse(batch.sparse).values())
+        return self.dense(batch.dense, self.sparse(batch.sparse, batch.timestamps).values())

@@ -9,11 +9,16 @@ import torch
 
 from models.ctr import build_ctr_model
 from models.ranking import RankingModel
+from models.sequence import FieldDims, build_sequence_model
+from models.sequence_ranking import SequenceRankingModel
 from pipelines.checkpoint import load_model_weights
 from recsys.config import ExperimentConfig, load_config
+from tables.optembed_tables import OptEmbedEmbeddings
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
+from tables.sequence import ATTENTION, REPRESENTATION, build_sequence_embeddings
 
 VOCAB_FILE = "vocabularies.npz"
+KEEP_FILE = "optembed_keep.npz"  # retrain: the supernet's row masks, per feature
 
 
 def save_vocabularies(run_dir: Path, vocabularies: dict[str, np.ndarray]) -> None:
@@ -28,18 +33,93 @@ def load_vocabularies(run_dir: Path) -> dict[str, np.ndarray]:
         return {name: archive[name] for name in archive.files}
 
 
+def load_keep_masks(run_dir: Path) -> dict[str, np.ndarray]:
+    """The fixed row masks of an optembed retrain run ({} for other runs)."""
+    path = run_dir / KEEP_FILE
+    if not path.exists():
+        return {}
+    with np.load(path) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
 def build_model(
     cfg: ExperimentConfig,
     vocabularies: dict[str, np.ndarray],
     table_device: torch.device | None = None,
-) -> RankingModel:
+    keep: dict[str, np.ndarray] | None = None,
+) -> RankingModel | SequenceRankingModel:
     """Tables on `table_device` (meta: DMP materializes only the local shards); ID
-    transforms and dense layers on the CPU, where their buffers and weights are real."""
+    transforms and dense layers on the CPU, where their buffers and weights are real.
+
+    `keep` holds an optembed retrain run's row masks (see `load_keep_masks`)."""
+    if cfg.model.is_sequence:
+        return build_sequence_ranking(cfg, vocabularies, table_device)
     specs = table_specs(cfg, vocabularies)
     transforms = make_transforms(cfg, specs, vocabularies)
-    sparse = PooledEmbeddings(specs, transforms, device=table_device)
+    sparse: PooledEmbeddings | OptEmbedEmbeddings
+    if cfg.uses_optembed:
+        sparse = _optembed_embeddings(cfg, specs, transforms, table_device, keep or {})
+    else:
+        sparse = PooledEmbeddings(specs, transforms, device=table_device)
     dense = build_ctr_model(cfg.model, len(cfg.features.dense), sparse.feature_dims)
     return RankingModel(sparse, dense)
+
+
+def build_sequence_ranking(
+    cfg: ExperimentConfig,
+    vocabularies: dict[str, np.ndarray],
+    table_device: torch.device | None = None,
+) -> SequenceRankingModel:
+    """Sequence tables for the targets and histories, pooled tables for any other sparse
+    features, and the sequence model over both (dense features join `other`)."""
+    sequence = build_sequence_embeddings(cfg, vocabularies, device=table_device)
+    targets = frozenset(s.target for s in cfg.features.sequences)
+    specs = table_specs(cfg, vocabularies, exclude=targets)
+    pooled = None
+    if specs:
+        transforms = make_transforms(cfg, specs, vocabularies)
+        pooled = PooledEmbeddings(specs, transforms, device=table_device)
+    num_dense = len(cfg.features.dense)
+    other_dim = num_dense + (sum(pooled.feature_dims) if pooled is not None else 0)
+    m = cfg.model
+    representation = FieldDims(*sequence.dims[REPRESENTATION])
+    attention = FieldDims(*sequence.dims[ATTENTION])
+    model = build_sequence_model(
+        m.name,
+        representation,
+        attention_dims=attention if m.name == "dare" else None,
+        other_dim=other_dim,
+        top_k=m.top_k,
+        din_length=m.din_length,
+    )
+    return SequenceRankingModel(sequence, model, pooled, num_dense)
+
+
+def table_sharding(model: RankingModel | SequenceRankingModel) -> dict[str, str]:
+    """Every physical table of the model -> its configured sharding choice."""
+    if isinstance(model, SequenceRankingModel):
+        pooled = model.pooled.specs if model.pooled is not None else []
+        return {**model.sequence.sharding(), **{s.name: s.sharding for s in pooled}}
+    return {s.name: s.sharding for s in model.sparse.specs}
+
+
+def _optembed_embeddings(
+    cfg: ExperimentConfig,
+    specs: list,
+    transforms: dict,
+    table_device: torch.device | None,
+    keep: dict[str, np.ndarray],
+) -> OptEmbedEmbeddings:
+    o = cfg.optembed
+    single = {f.name for f in cfg.features.sparse if not f.multi_valued}
+    sparse = OptEmbedEmbeddings(specs, transforms, single, o.alpha, o.norm, device=table_device)
+    if o.stage == "retrain":
+        missing = sorted(set(sparse.feature_names) - keep.keys())
+        if missing:
+            raise ValueError(f"optembed retrain: no row masks ({KEEP_FILE}) for {missing}")
+        dims = [o.dims[f] for f in sparse.feature_names]  # type: ignore[index]
+        sparse.use_retrain(dims, {f: torch.from_numpy(keep[f]) for f in sparse.feature_names})
+    return sparse
 
 
 def latest_checkpoint(run: Path) -> Path:
@@ -58,7 +138,7 @@ def load_trained(run: str | Path) -> tuple[ExperimentConfig, RankingModel, dict]
     checkpoint = latest_checkpoint(run)
     run_dir = checkpoint if (checkpoint / "config.yaml").exists() else checkpoint.parent
     cfg = load_config(run_dir / "config.yaml")
-    model = build_model(cfg, load_vocabularies(run_dir))
+    model = build_model(cfg, load_vocabularies(run_dir), keep=load_keep_masks(run_dir))
     progress = load_model_weights(checkpoint, model)
     model.eval()
     return cfg, model, {**progress, "checkpoint": str(checkpoint), "run_dir": str(run_dir)}

@@ -2,7 +2,9 @@
 
 Each rank writes its own shards (tables, optimizer state) into its local checkpoint
 directory; Ray merges the ranks' directories into one checkpoint in the run's storage.
-DCP reshards on load, so a run can resume on a different number of workers.
+DCP reshards on load, so a run can resume on a different number of workers (collisionless
+tables excepted: their ID maps are per-rank files next to the DCP files, see
+`tables.collisionless`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from tables.collisionless import load_id_maps, save_id_maps
+
 PROGRESS_FILE = "progress.json"
 
 
@@ -26,6 +30,7 @@ def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: Any, progress: dict[str, Any]
 ) -> None:
     dcp.save(training_state(model, optimizer), checkpoint_id=str(directory))
+    save_id_maps(model, directory)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         (directory / PROGRESS_FILE).write_text(json.dumps(progress))
 
@@ -37,6 +42,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: Any) -> dict[s
     dcp.load(state, checkpoint_id=str(directory))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    load_id_maps(model, directory)
     return json.loads((directory / PROGRESS_FILE).read_text())
 
 
@@ -45,4 +51,5 @@ def load_model_weights(directory: Path, model: nn.Module) -> dict[str, Any]:
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     model.load_state_dict(state["model"])
+    load_id_maps(model, directory)
     return json.loads((directory / PROGRESS_FILE).read_text())

@@ -1,24 +1,34 @@
 """`recsys export`: a trained run -> a directory a serving system loads without this code.
 
-Tables are written row-sorted by `id` (vocabulary IDs for full tables, row numbers for
-hashed ones), so a reader maps IDs with one binary search; multiplexed and
+Tables are written row-sorted by `id` (vocabulary IDs for full tables, the live admitted
+raw IDs for collisionless ones, row numbers for hashed ones), so a reader maps IDs with one
+binary search; IDs without a row read the table's `default_embedding`; multiplexed and
 quotient-remainder tables also write each feature's hash salts (see recsys.export_format).
 The dense architecture is a `torch.export` program with a dynamic batch dimension.
+
+`since` makes an incremental export on top of an earlier one (Monolith's parameter sync):
+collisionless tables then hold only the rows trained after that export plus the IDs that
+lost their rows since; the other tables and the dense program are written whole.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from pipelines.build import load_trained
+from pipelines.export_sequence import sequence_program, sequence_tables
+from pipelines.optembed_export import compact_tables, uncompacted_bytes
 from recsys.export_format import (
+    DELTA_FORMAT_VERSION,
     DENSE_PROGRAM,
     FORMAT_VERSION,
     HASH,
@@ -26,7 +36,10 @@ from recsys.export_format import (
     ROWS_PER_FILE,
     embedding_table,
 )
+from recsys.serving import load_tables
+from tables.collisionless import CollisionlessTransform
 from tables.multiplexed import VirtualFeatureTransform
+from tables.optembed_tables import OptEmbedEmbeddings
 from tables.pooled import TableSpec
 from tables.transforms import VocabularyLookup
 
@@ -61,13 +74,48 @@ def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[st
     }
 
 
-def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[str, Any]:
-    cfg, model, progress = load_trained(run)
-    dtype = dtype or cfg.export.dtype
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for spec in model.sparse.specs:
+def _write_ids(out: Path, name: str, ids: np.ndarray) -> list[str]:
+    path = out / "deleted" / f"{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), path)
+    return [str(path.relative_to(out))]
+
+
+def _collisionless_rows(
+    transform: CollisionlessTransform, entry: dict[str, Any], out: Path, previous: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(IDs, rows) to write: every live row, or for an incremental export the rows trained
+    since the previous export, with the IDs served then and rowless now as deletions."""
+    entry["lookup"] = "id"
+    entry["default_embedding"] = transform.default.detach().tolist()
+    entry["trained_steps"] = transform.steps
+    if previous is None:
+        ids, rows = transform.live_rows()
+        return ids.numpy(), rows.numpy()
+    manifest, served = previous
+    (before,) = [t for t in manifest["tables"] if t["name"] == entry["name"]]
+    if before["trained_steps"] > transform.steps:
+        raise ValueError(
+            f"table {entry['name']!r}: the base export saw {before['trained_steps']} training "
+            f"steps, this checkpoint only {transform.steps}"
+        )
+    ids, rows = transform.touched_since(before["trained_steps"])
+    gone = np.setdiff1d(served[entry["name"]].ids.numpy(), transform.live_rows()[0].numpy())
+    entry.update(delta=True, deleted=len(gone), deleted_files=_write_ids(out, entry["name"], gone))
+    return ids.numpy(), rows.numpy()
+
+
+def _pooled_export(
+    cfg: Any, model: torch.nn.Module, out: Path, dtype: str, previous: Any = None
+) -> tuple[list[dict[str, Any]], torch.export.ExportedProgram, dict[str, Any]]:
+    """Pooled tables, the dense program over (dense, embeddings) and its input spec.
+
+    An optembed model writes its compact tables instead (pipelines.optembed_export);
+    `previous` (the base export's manifest and tables) makes collisionless tables
+    incremental."""
+    compact = isinstance(model.sparse, OptEmbedEmbeddings)
+    tables = compact_tables(model.sparse, out, dtype, _write_table) if compact else []
+    for spec in [] if compact else model.sparse.specs:
         weights = _table_rows(model, spec.name)
         transform = model.sparse.transforms[spec.transform]
         entry: dict[str, Any] = {
@@ -83,6 +131,9 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
             rows = weights[1:]
             entry["lookup"] = "id"
             entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()
+        elif isinstance(transform, CollisionlessTransform):
+            ids, live = _collisionless_rows(transform, entry, out, previous)
+            rows = weights[live]
         elif isinstance(transform, VirtualFeatureTransform):
             ids = np.arange(spec.num_rows, dtype=np.int64)
             rows = weights
@@ -104,15 +155,38 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
     program = torch.export.export(
         model.dense, (example_dense, example_emb), dynamic_shapes=({0: batch}, {0: batch})
     )
+    input_spec = {
+        "dense": [d.name for d in f.dense],
+        "sparse": model.sparse.feature_names,
+        "feature_dims": model.sparse.feature_dims,
+    }
+    return tables, program, input_spec
+
+
+def export(
+    run: str | Path, out: str | Path, dtype: str | None = None, since: str | Path | None = None
+) -> dict[str, Any]:
+    cfg, model, progress = load_trained(run)
+    dtype = dtype or cfg.export.dtype
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if since is not None:
+        since = Path(since).resolve()
+        previous = (json.loads((since / MANIFEST).read_text()), load_tables(since))
+    if cfg.model.is_sequence:
+        if since is not None:
+            raise ValueError("incremental export (--since) is for collisionless pooled tables")
+        tables = sequence_tables(model, partial(_write_table, out, dtype=dtype), dtype)
+        program, input_spec = sequence_program(cfg, model)
+    else:
+        tables, program, input_spec = _pooled_export(cfg, model, out, dtype, previous)
     torch.export.save(program, out / DENSE_PROGRAM)
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "features": f.model_dump(mode="json"),
-        "input": {
-            "dense": [d.name for d in f.dense],
-            "sparse": model.sparse.feature_names,
-            "feature_dims": model.sparse.feature_dims,
-        },
+        "format_version": FORMAT_VERSION if since is None else DELTA_FORMAT_VERSION,
+        **({} if since is None else {"base": str(since)}),
+        "features": cfg.features.model_dump(mode="json"),
+        "input": input_spec,
         "tables": tables,
         "dense_program": DENSE_PROGRAM,
         "training": {
@@ -124,4 +198,9 @@ def export(run: str | Path, out: str | Path, dtype: str | None = None) -> dict[s
         },
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return {"out": str(out), "tables": len(tables), "bytes": sum(t["bytes"] for t in tables)}
+    summary = {"out": str(out), "tables": len(tables), "bytes": sum(t["bytes"] for t in tables)}
+    if isinstance(getattr(model, "sparse", None), OptEmbedEmbeddings):
+        # optembed: the compact tables beside the tables they were cut from
+        summary["id_bytes"] = sum(t["id_bytes"] for t in tables)
+        summary["uncompacted_bytes"] = uncompacted_bytes(model.sparse, dtype)
+    return summary

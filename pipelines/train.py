@@ -31,7 +31,14 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
-from pipelines.build import build_model, load_vocabularies, save_vocabularies
+from pipelines.build import (
+    KEEP_FILE,
+    build_model,
+    load_keep_masks,
+    load_vocabularies,
+    save_vocabularies,
+    table_sharding,
+)
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.split import validation_cutoff
 from recsys.batch import BatchConverter
@@ -39,6 +46,12 @@ from recsys.config import ConfigError, ExperimentConfig
 from recsys.contract import BadRowCounts, validate_table
 from recsys.logs import parquet_files, read_validated
 from recsys.metrics import auc, evaluate_predictions
+from tables.collisionless import (
+    bind_ownership,
+    collisionless_transforms,
+    format_report,
+    table_report,
+)
 from tables.sharding import combined_optimizer, shard_model
 from tables.vocab import build_vocabularies
 
@@ -112,6 +125,11 @@ def train(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:
             "use rowwise_adagrad or sgd"
         )
     run_dir = run_dir_of(cfg)
+    if cfg.optembed.stage == "retrain" and not (run_dir / KEEP_FILE).exists():
+        raise ConfigError(
+            f"optembed.stage: retrain needs the supernet's row masks in {run_dir / KEEP_FILE}; "
+            "start retraining with `recsys retrain CONF`"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     skipped = preflight(cfg)
@@ -192,6 +210,20 @@ def _dense_optimizer(cfg: ExperimentConfig) -> Any:
     kinds = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
     kind = kinds[cfg.train.dense_optimizer]
     return lambda params: kind(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.weight_decay)
+
+
+def _own_optimizers(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Parameters trained apart from the dense optimizer: optembed's thresholds, by the
+    paper's plain SGD at their own learning rate."""
+    if not cfg.uses_optembed:
+        return {}
+    lr = cfg.optembed.threshold_lr
+    return {
+        "thresholds": (
+            lambda name: name.endswith("pooling.thresholds.threshold"),
+            lambda params: torch.optim.SGD(params, lr=lr),
+        )
+    }
 
 
 def _device(cfg: ExperimentConfig) -> torch.device:
@@ -299,17 +331,31 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     device = _device(cfg)
     torch.manual_seed(cfg.train.seed)
 
-    model = build_model(cfg, load_vocabularies(run_dir), table_device=torch.device("meta"))
+    model = build_model(
+        cfg,
+        load_vocabularies(run_dir),
+        table_device=torch.device("meta"),
+        keep=load_keep_masks(run_dir),
+    )
+    # optembed's threshold term (CTR models only: sequence models have no `sparse`)
+    regularizer = getattr(getattr(model, "sparse", None), "regularizer", None)
+    collisionless = any(collisionless_transforms(model))
+    # IDs (and table stats) travel between ranks over a gloo group, even next to NCCL.
+    gloo = dist.new_group(backend="gloo") if collisionless else None
+    if gloo is not None:
+        bind_ownership(model, rank, gloo)
     t = cfg.train
     dmp = shard_model(
         model,
-        sharding={s.name: s.sharding for s in model.sparse.specs},
+        sharding=table_sharding(model),
         optimizer=t.sparse_optimizer,
         lr=t.sparse_lr,
         pg=dist.GroupMember.WORLD,
         device=device,
     )
-    optimizer = combined_optimizer(dmp, t.sparse_optimizer, t.sparse_lr, _dense_optimizer(cfg))
+    optimizer = combined_optimizer(
+        dmp, t.sparse_optimizer, t.sparse_lr, _dense_optimizer(cfg), _own_optimizers(cfg)
+    )
 
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -339,17 +385,22 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             batch = convert(table).to(device, non_blocking=True)
             logits = dmp(batch)
             loss = loss_fn(logits, batch.labels)
+            penalty = regularizer() if regularizer is not None else None
+            objective = loss if penalty is None else loss + penalty
             optimizer.zero_grad()
-            loss.backward()
+            objective.backward()
             optimizer.step()
             progress = {"step": progress["step"] + 1, "epoch": epoch, "batches_in_epoch": i + 1}
             meter.add(logits, batch.labels, float(loss))
             step = progress["step"]
             if step % cfg.train.log_every == 0:
                 last_metrics = meter.snapshot(step, epoch)
+                tables = table_report(dmp.module.sparse, gloo) if collisionless else {}
                 if rank == 0:
                     print(" ".join(f"{k}={v:.4g}" for k, v in last_metrics.items()), flush=True)
-                    meter.write(last_metrics)
+                    if tables:
+                        print(format_report(tables), flush=True)
+                    meter.write({**last_metrics, **({"tables": tables} if tables else {})})
             checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
             if cfg.train.max_steps and step >= cfg.train.max_steps:
                 break
@@ -364,6 +415,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             scores = evaluate_predictions(valid["labels"], valid["probs"], valid["groups"])
             final.update({f"valid_{k}": v for k, v in scores.items()})
     final["skipped_rows"] = loop_config["skipped_rows"]
+    if collisionless:  # counters since the last log line; sizes as at the end
+        final["tables"] = table_report(dmp.module.sparse, gloo)
     if rank == 0:
         meter.write({"final": True, **final})
         print("final " + json.dumps(final, default=float), flush=True)

@@ -76,6 +76,14 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     print(json.dumps(points, indent=2, default=float))
 
 
+def _cmd_optembed(args: argparse.Namespace) -> None:
+    import importlib
+
+    cfg = load_config(args.config, args.overrides)
+    step = getattr(importlib.import_module("pipelines.optembed"), args.command)
+    print(json.dumps(step(cfg, address=args.address), indent=2, default=str))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     import importlib
 
@@ -88,7 +96,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     import importlib
 
     export = importlib.import_module("pipelines.export").export
-    print(json.dumps(export(args.checkpoint, args.out, dtype=args.dtype), indent=2))
+    result = export(args.checkpoint, args.out, dtype=args.dtype, since=args.since)
+    print(json.dumps(result, indent=2))
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -176,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: as for train)")
     p.set_defaults(func=_cmd_sweep)
 
+    p = sub.add_parser(
+        "search", help="optembed: evolutionary search of per-feature dims on the trained supernet"
+    )
+    with_config(p)
+    p.add_argument("--address", help="Ray cluster address (default: as for train)")
+    p.set_defaults(func=_cmd_optembed)
+
+    p = sub.add_parser(
+        "retrain", help="optembed: train <name>-retrain with the searched dims and row masks"
+    )
+    with_config(p)
+    p.add_argument("--address", help="Ray cluster address (default: as for train)")
+    p.set_defaults(func=_cmd_optembed)
+
     p = sub.add_parser("evaluate", help="AUC, GAUC, logloss, NE, calibration of a trained run")
     p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")
     p.add_argument("--data", required=True, help="held-out Parquet log")
@@ -187,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")
     p.add_argument("--out", required=True, help="export directory")
     p.add_argument("--dtype", choices=["float32", "float16", "int8"], help="table storage")
+    p.add_argument(
+        "--since",
+        help="an earlier export: write only collisionless rows trained since, plus deletions",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("predict", help="score a Parquet log from an export directory alone")

@@ -117,6 +117,9 @@ Sharding = Literal[
 ]
 
 
+_STORED = ("decoupled", "optembed")  # variants layered over a `storage` table
+
+
 class TableConfig(_Strict):
     """A group of features with the same table settings.
 
@@ -128,22 +131,52 @@ class TableConfig(_Strict):
     own hash functions, `probes` lookups per feature concatenated into a `probes * dim`
     embedding) and `qr` (the quotient-remainder trick: each feature reads two tables,
     `<table>@q` and `<table>@r`, of `num_embeddings` rows together, concatenated to 2 * dim).
+    `decoupled` (DARE, sequence models' item features only): two tables per name,
+    `<table>@att` of `attention_dim` columns for attention scores and `<table>@rep` of
+    `embedding_dim` for representations, each a `storage` table (`full` or `hash`).
+    `optembed` (learned row pruning and searched per-feature dims; see `OptEmbedConfig`)
+    keeps its rows as a `storage` table, `full` or `hash`, which it reads as that variant does.
+    `collisionless` (Monolith: every admitted raw ID owns a row through a dynamic ID map;
+    `capacity` rows per training worker, IDs sharded over workers by hash bucket, a
+    frequency filter (`min_count`), expiry (`ttl`) and a policy when full).
     """
 
     name: str | None = None
     features: list[str]
     shared: bool = False
-    variant: Literal["full", "hash", "multiplexed", "qr"] = "full"
+    variant: Literal[
+        "full", "hash", "multiplexed", "qr", "collisionless", "decoupled", "optembed"
+    ] = "full"
     # full: optional cap on vocabulary rows; hash: buckets per table; multiplexed: rows of
     # the shared table; qr: rows per feature over its two tables.
     num_embeddings: PositiveInt | None = None
     embedding_dim: PositiveInt = 64
     # multiplexed: lookups per feature, one number for all or per feature (others get 1).
     probes: PositiveInt | dict[str, PositiveInt] | None = None
-    # full: IDs seen fewer times than this in the training logs go to the OOV row.
+    # full: IDs seen fewer times than this in the training logs go to the OOV row;
+    # collisionless: an ID gets a row at its min_count-th sighting (count-min filter), and
+    # reads the table's default embedding until then.
     min_count: PositiveInt = 1
+    # collisionless: rows per training worker (the table has capacity * train.workers rows).
+    capacity: PositiveInt | None = None
+    # collisionless: rows unseen for `ttl` seconds of event time (the log's timestamp column)
+    # are freed, checked every `evict_every` seconds of event time; None never expires.
+    ttl: PositiveInt | None = None
+    evict_every: PositiveInt = 3600
+    # collisionless: when no row is free, evict the least recently / least often seen rows.
+    policy: Literal["evict_lru", "evict_lfu"] = "evict_lru"
+    # collisionless: count-min filter cells per row of its 4 (power of two; default: the
+    # smallest power of two >= 2 * capacity); only used when min_count > 1.
+    filter_width: PositiveInt | None = None
+    # collisionless: hash buckets that own IDs; each worker owns a contiguous range of them.
+    buckets: PositiveInt = 4096
     pooling: Literal["sum", "mean"] = "sum"
     sharding: Sharding = "auto"
+    # decoupled: width of the attention table (default embedding_dim).
+    attention_dim: PositiveInt | None = None
+    # decoupled, optembed: how the rows are stored and found, a vocabulary (`full`) or the
+    # hashing trick (`hash`, needs num_embeddings); decoupled defaults to `full`.
+    storage: Literal["full", "hash"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TableConfig:
@@ -156,14 +189,22 @@ class TableConfig(_Strict):
                 "name is only for shared tables or single-feature tables; "
                 "unshared tables are named after their features"
             )
+        if self.variant == "optembed" and self.storage is None:
+            raise ValueError("variant 'optembed' needs storage: full or hash")
+        if self.storage is not None and self.variant not in _STORED:
+            raise ValueError(f"storage is only for variants {list(_STORED)}, not {self.variant!r}")
+        if self.attention_dim is not None and self.variant != "decoupled":
+            raise ValueError(f"attention_dim is only for variant 'decoupled', not {self.variant!r}")
         needs = {
             "hash": "the number of buckets",
             "multiplexed": "the rows of the shared table",
             "qr": "the rows per feature over its two tables",
         }
-        if self.variant in needs and self.num_embeddings is None:
+        if self.storage_variant in needs and self.num_embeddings is None:
+            stored = f" with storage {self.storage!r}" if self.variant in _STORED else ""
             raise ValueError(
-                f"variant {self.variant!r} needs num_embeddings ({needs[self.variant]})"
+                f"variant {self.variant!r}{stored} needs num_embeddings "
+                f"({needs[self.storage_variant]})"
             )
         if self._multiplexed and not self.name:
             raise ValueError("variant 'multiplexed' needs a name for its shared table")
@@ -172,6 +213,7 @@ class TableConfig(_Strict):
                 raise ValueError("variant 'qr' gives every feature its own tables: not shared")
             if self.num_embeddings is not None and self.num_embeddings < 2:
                 raise ValueError("variant 'qr' needs num_embeddings >= 2 (one row per table)")
+        self._check_collisionless()
         if self.probes is not None and not self._multiplexed:
             raise ValueError(f"probes is only for variant 'multiplexed', not {self.variant!r}")
         if isinstance(self.probes, dict):
@@ -179,6 +221,41 @@ class TableConfig(_Strict):
             if unknown:
                 raise ValueError(f"probes names features not in this table: {unknown}")
         return self
+
+    def _check_collisionless(self) -> None:
+        if self.variant != "collisionless":
+            for key, default in _COLLISIONLESS_DEFAULTS.items():
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key} is only for variant 'collisionless'")
+            return
+        if self.capacity is None:
+            raise ValueError("variant 'collisionless' needs capacity (rows per worker)")
+        if self.num_embeddings is not None:
+            raise ValueError(
+                "variant 'collisionless' sizes its table by capacity (rows per worker), "
+                "not num_embeddings"
+            )
+        if self.sharding not in ("auto", "row_wise"):
+            raise ValueError(
+                f"variant 'collisionless' is sharded row-wise by ID ownership; "
+                f"sharding {self.sharding!r} is not possible (use auto or row_wise)"
+            )
+        width = self.filter_width
+        if width is not None and width & (width - 1):
+            raise ValueError(f"filter_width must be a power of two, got {width}")
+
+    @property
+    def uses_vocabulary(self) -> bool:
+        """Whether its IDs go through a vocabulary built from the training log."""
+        return self.storage_variant == "full"
+
+    @property
+    def storage_variant(self) -> str:
+        """How the rows are stored and found: `storage` for decoupled and optembed tables
+        (decoupled defaults to `full`), else the variant itself."""
+        if self.variant in _STORED:
+            return self.storage or "full"
+        return self.variant
 
     @property
     def _multiplexed(self) -> bool:
@@ -202,16 +279,83 @@ class TableConfig(_Strict):
         return self.probes or 1
 
 
+_COLLISIONLESS_DEFAULTS = {
+    k: TableConfig.model_fields[k].default
+    for k in ("capacity", "ttl", "evict_every", "policy", "filter_width", "buckets")
+}
+
+
 # --------------------------------------------------------------------------- model
 
 
+SEQUENCE_MODELS = ("din", "twin", "twin_proj", "dare")
+
+
 class ModelConfig(_Strict):
-    name: Literal["dlrm", "deepfm", "dcnv2"] = "dlrm"
+    """CTR models (dlrm, deepfm, dcnv2) read pooled embeddings; sequence models (din,
+    twin, twin_proj, dare) read features.sequences as item, category behaviours."""
+
+    name: Literal["dlrm", "deepfm", "dcnv2", "din", "twin", "twin_proj", "dare"] = "dlrm"
     dense_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256, 64])
     over_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256])
     cross_layers: PositiveInt = 3  # DCN-v2
     cross_low_rank: PositiveInt | None = None  # DCN-v2 low-rank (mixture-free) cross
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    top_k: PositiveInt = 20  # twin, twin_proj, dare: behaviours kept by the search
+    din_length: PositiveInt = 200  # din: the most recent behaviours it attends over
+    # Sequence models: rows of the time-position tables (row 0: the target; row p: the
+    # p-th most recent behaviour; older behaviours share the last row).
+    time_positions: PositiveInt = 256
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.name in SEQUENCE_MODELS
+
+
+# --------------------------------------------------------------------------- optembed
+
+
+class OptEmbedSearchConfig(_Strict):
+    """Evolutionary search over per-feature dims (`recsys search`); the paper's defaults:
+    population 20 = 10 mutations + 10 crossovers bred from the top 10, 30 rounds."""
+
+    rounds: PositiveInt = 30
+    mutations: Annotated[int, Field(ge=0)] = 10
+    crossovers: Annotated[int, Field(ge=0)] = 10
+    parents: PositiveInt = 10
+    mutate_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    seed: int = 0
+    workers: PositiveInt = 2  # Ray actors scoring candidates in parallel
+
+    @model_validator(mode="after")
+    def _population(self) -> OptEmbedSearchConfig:
+        if self.mutations + self.crossovers < 1:
+            raise ValueError("mutations + crossovers (the population) must be at least 1")
+        if self.parents > self.mutations + self.crossovers:
+            raise ValueError(
+                f"parents ({self.parents}) cannot exceed the population "
+                f"({self.mutations + self.crossovers})"
+            )
+        return self
+
+
+class OptEmbedConfig(_Strict):
+    """OptEmbed (Lyu et al., CIKM 2022) for the `variant: optembed` tables.
+
+    `stage: supernet` trains per-feature row-pruning thresholds (their own SGD at
+    `threshold_lr`, `alpha * sum exp(-t)` added to the loss) with dims sampled per sample
+    from 1..embedding_dim; `recsys search` then picks dims; `stage: retrain` (written by
+    `recsys retrain`) trains with those `dims` and the supernet's row masks fixed.
+    Defaults are the paper's (DCN on Criteo); alpha ranges 1e-6..1e-4 there.
+    """
+
+    alpha: Annotated[float, Field(ge=0.0)] = 1e-5
+    threshold_lr: Annotated[float, Field(gt=0.0)] = 1e-4
+    norm: Literal[1, 2] = 1  # row norm compared with the threshold: L1 (paper) or L2
+    stage: Literal["supernet", "retrain"] = "supernet"
+    dims: dict[str, PositiveInt] | None = None  # retrain: one dim per optembed feature
+    supernet_run: str | None = None  # retrain: the supernet run its row masks come from
+    search: OptEmbedSearchConfig = Field(default_factory=lambda: OptEmbedSearchConfig())
 
 
 # --------------------------------------------------------------------------- data, train
@@ -315,6 +459,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    optembed: OptEmbedConfig = Field(default_factory=OptEmbedConfig)
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> ExperimentConfig:
@@ -351,10 +496,17 @@ class ExperimentConfig(_Strict):
                     f"model 'dlrm': dense_arch must end at the embedding_dim {dims.pop()} "
                     f"(got {self.model.dense_arch[-1]}) for the dot interaction"
                 )
+        self._check_optembed()
+        for i, table in enumerate(self.tables):
+            if table.variant == "collisionless" and table.buckets < self.train.workers:
+                raise ValueError(
+                    f"tables[{i}].buckets: {table.buckets} buckets cannot be owned by "
+                    f"{self.train.workers} workers (train.workers)"
+                )
         hashed = {
             f: t.variant
             for t in self.tables
-            if t.variant in ("multiplexed", "qr")
+            if t.variant in ("multiplexed", "qr", "optembed", "collisionless")
             for f in t.features
         }
         for seq in self.features.sequences:
@@ -363,6 +515,7 @@ class ExperimentConfig(_Strict):
                     f"sequence {seq.name!r}: its target {seq.target!r} is in a "
                     f"{hashed[seq.target]!r} table, which sequence lookups do not support"
                 )
+        self._sequence_rules()
         synth = self.data.synthetic
         if isinstance(synth, SequenceSyntheticConfig):
             for key in ("item_feature", "category_feature"):
@@ -379,6 +532,95 @@ class ExperimentConfig(_Strict):
             if unknown:
                 raise ValueError(f"data.synthetic.vocab: unknown sparse features {unknown}")
         return self
+
+    def _sequence_rules(self) -> None:
+        """Sequence models: two behaviour columns (item, category) whose targets are
+        single-valued and in tables of the variant the model reads (decoupled for dare)."""
+        decoupled = {f for t in self.tables if t.variant == "decoupled" for f in t.features}
+        if not self.model.is_sequence:
+            if decoupled:
+                raise ValueError(
+                    f"variant 'decoupled' is for sequence models (din, twin, twin_proj, dare), "
+                    f"not model {self.model.name!r}: features {sorted(decoupled)}"
+                )
+            return
+        name = self.model.name
+        seqs = self.features.sequences
+        if len(seqs) != 2:
+            raise ValueError(
+                f"model {name!r} reads features.sequences as (item, category) behaviours: "
+                f"needs exactly 2, got {len(seqs)}"
+            )
+        if not self.tables:
+            raise ValueError(f"model {name!r} needs tables for its sequence targets")
+        sparse = {f.name: f for f in self.features.sparse}
+        targets = {s.target for s in seqs}
+        for seq in seqs:
+            target = sparse[seq.target]
+            if target.multi_valued or target.allow_null:
+                raise ValueError(
+                    f"sequence {seq.name!r}: its target {seq.target!r} must be single-valued "
+                    "and not null (one candidate per impression)"
+                )
+            if name == "dare" and seq.target not in decoupled:
+                raise ValueError(
+                    f"model 'dare' reads attention and representation tables: the table of "
+                    f"{seq.target!r} needs variant 'decoupled'"
+                )
+            if name != "dare" and seq.target in decoupled:
+                raise ValueError(
+                    f"model {name!r} reads one embedding set: the table of {seq.target!r} "
+                    "cannot be 'decoupled' (that is model 'dare')"
+                )
+        for i, table in enumerate(self.tables):
+            if not targets & set(table.features):
+                continue
+            for key in ("embedding_dim", "attention_dim"):
+                dim = getattr(table, key)
+                if dim is not None and dim % 4:
+                    raise ValueError(
+                        f"tables[{i}]: {key} {dim} is not a multiple of 4, which fbgemm's "
+                        "sharded sequence lookups need"
+                    )
+        stray = sorted(decoupled - targets)
+        if stray:
+            raise ValueError(f"variant 'decoupled' is for sequence targets, not {stray}")
+
+    def _check_optembed(self) -> None:
+        kinds = {t.variant == "optembed" for t in self.tables}
+        if True in kinds and self.model.is_sequence:
+            raise ValueError(
+                f"variant 'optembed' serves CTR models' pooled features, not model "
+                f"{self.model.name!r}"
+            )
+        if kinds == {True, False}:
+            raise ValueError(
+                "variant 'optembed' must be used by every table or none: the pruned and "
+                "dimension-searched embedding layer serves all sparse features"
+            )
+        if self.optembed.stage != "retrain":
+            return
+        if kinds != {True}:
+            raise ValueError("optembed.stage: 'retrain' needs tables of variant 'optembed'")
+        widths = {f: t.embedding_dim for t in self.tables for f in t.features}
+        dims = self.optembed.dims or {}
+        missing = sorted(widths.keys() - dims.keys())
+        if missing:
+            raise ValueError(f"optembed.dims: retrain needs a dim for features {missing}")
+        unknown = sorted(dims.keys() - widths.keys())
+        if unknown:
+            raise ValueError(f"optembed.dims: unknown features {unknown}")
+        for feature, dim in dims.items():
+            if dim > widths[feature]:
+                raise ValueError(
+                    f"optembed.dims.{feature}: {dim} exceeds its embedding_dim {widths[feature]}"
+                )
+        if not self.optembed.supernet_run:
+            raise ValueError("optembed.supernet_run: retrain needs the supernet run's directory")
+
+    @property
+    def uses_optembed(self) -> bool:
+        return any(t.variant == "optembed" for t in self.tables)
 
     def feature_tables(self) -> dict[str, str]:
         """Every sparse and sequence feature -> the name of the table it reads."""

@@ -10,6 +10,11 @@ each feature to a list of {salt, hash_size, divisor}, and probe p reads
 id = (`recsys.hashing.bucket`(raw ID, salt, hash_size) // divisor) mod `num_rows`.
 A feature's embedding is the concatenation, in manifest table order, of its pooled
 lookups (one per probe), each `dim` wide.
+
+An incremental export (version 3) names the export it updates in `base`; its tables marked
+`delta` hold only the rows trained since that export (upserts) and list in `deleted_files`
+the IDs that lost their rows (evicted or expired): they read the default embedding again.
+Its other tables, and the dense program, are complete.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 2 only adds the "hash" lookup
+DELTA_FORMAT_VERSION = 3  # incremental exports; full ones stay at FORMAT_VERSION
+READABLE_VERSIONS = (1, 2, 3)  # version 2 adds the "hash" lookup, 3 incremental exports
 HASH = "splitmix64"  # `hash` entries name the function, so that a reader can refuse another
 MANIFEST = "manifest.json"
 DENSE_PROGRAM = "dense.pt2"

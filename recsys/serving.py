@@ -11,7 +11,7 @@ from the raw IDs with the salts in the manifest and `recsys.hashing`, as trainin
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from recsys.config import FeaturesConfig
 from recsys.export_format import HASH, MANIFEST, READABLE_VERSIONS, rows_of
 from recsys.hashing import bucket
 from recsys.logs import read_validated
+from recsys.serving_sequence import SequenceServing
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ServedTable:
     pooling: str
     # "hash" lookups: feature -> one (salt, hash_size, divisor) per probe
     probes: dict[str, list[tuple[int, int, int]]]
+    # The width the dense model reads; narrower rows (optembed's compact tables) are
+    # padded with zeros, as the trained model's dimension mask zeroes those columns.
+    input_dim: int
 
     def keys(self, feature: str, raw_ids: torch.Tensor) -> list[torch.Tensor]:
         """The table `id`s each of the feature's lookups reads (one for id/modulo)."""
@@ -60,9 +64,13 @@ class ServedTable:
     def pool(self, feature: str, jagged: JaggedTensor) -> torch.Tensor:
         """[batch, lookups * dim]: each lookup pooled over the bag, concatenated."""
         offsets = jagged.offsets()[:-1].long()
+        pad = self.input_dim - self.weights.size(1)
         return torch.cat(
             [
-                F.embedding_bag(self.rows(keys), self.weights, offsets, mode=self.pooling)
+                F.pad(
+                    F.embedding_bag(self.rows(keys), self.weights, offsets, mode=self.pooling),
+                    (0, pad),
+                )
                 for keys in self.keys(feature, jagged.values())
             ],
             dim=1,
@@ -86,7 +94,48 @@ def _load_table(root: Path, entry: dict) -> ServedTable:
         num_rows=entry.get("num_rows", len(rows)),
         pooling=entry["pooling"],
         probes=probes,
+        input_dim=entry.get("input_dim", entry["dim"]),
     )
+
+
+def _read_manifest(root: Path) -> dict:
+    manifest_path = root / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{root}: no {MANIFEST}; is this an export directory?")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{manifest_path}: format_version {manifest.get('format_version')} "
+            f"is not one of {READABLE_VERSIONS}"
+        )
+    return manifest
+
+
+def _apply_delta(base: ServedTable, upserts: ServedTable, deleted: torch.Tensor) -> ServedTable:
+    """The base table with the delta's rows upserted and its deleted IDs removed."""
+    keep = ~torch.isin(base.ids, torch.cat([upserts.ids, deleted]))
+    ids = torch.cat([base.ids[keep], upserts.ids])
+    rows = torch.cat([base.weights[:-1][keep], upserts.weights[:-1]])
+    order = torch.argsort(ids)
+    return replace(upserts, ids=ids[order], weights=torch.cat([rows[order], upserts.weights[-1:]]))
+
+
+def load_tables(root: Path) -> dict[str, ServedTable]:
+    """Every table of an export by name; an incremental export is applied to its base."""
+    manifest = _read_manifest(root)
+    base = load_tables(Path(manifest["base"])) if "base" in manifest else {}
+    tables = {}
+    for entry in manifest["tables"]:
+        table = _load_table(root, entry)
+        if entry.get("delta"):
+            if entry["name"] not in base:
+                raise ValueError(f"{root}: delta table {entry['name']!r} is not in its base")
+            files = entry["deleted_files"]
+            deleted = pa.concat_tables([pq.read_table(root / f) for f in files]).column("id")
+            ids = torch.from_numpy(np.array(deleted.to_numpy(), dtype=np.int64))
+            table = _apply_delta(base[entry["name"]], table, ids)
+        tables[entry["name"]] = table
+    return tables
 
 
 class ServingModel:
@@ -94,30 +143,30 @@ class ServingModel:
 
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
-        manifest_path = root / MANIFEST
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{root}: no {MANIFEST}; is this an export directory?")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") not in READABLE_VERSIONS:
-            raise ValueError(
-                f"{manifest_path}: format_version {manifest.get('format_version')} "
-                f"is not one of {READABLE_VERSIONS}"
-            )
+        manifest = _read_manifest(root)
         self.manifest = manifest
         self.features = FeaturesConfig.model_validate(manifest["features"])
+        self.convert = BatchConverter(self.features)
+        self.sequence: SequenceServing | None = None
+        if manifest["input"].get("kind") == "sequence":
+            tables = {e["name"]: _load_table(root, e) for e in manifest["tables"]}
+            self.sequence = SequenceServing(root, manifest, tables)
+            return
         self.sparse_order: list[str] = manifest["input"]["sparse"]
         # A feature reads its tables in manifest order (a qr feature reads two).
         self.feature_tables: dict[str, list[ServedTable]] = {}
+        tables = load_tables(root)
         for entry in manifest["tables"]:
-            table = _load_table(root, entry)
+            table = tables[entry["name"]]
             for feature in entry["features"]:
                 self.feature_tables.setdefault(feature, []).append(table)
         self.dense = torch.export.load(root / manifest["dense_program"]).module()
-        self.convert = BatchConverter(self.features)
 
     def predict_table(self, data: pa.Table) -> np.ndarray:
         """Click probabilities for the rows of a validated Arrow table."""
         batch = self.convert(data)
+        if self.sequence is not None:
+            return torch.sigmoid(self.sequence.logits(batch)).numpy()
         per_feature = batch.sparse.to_dict()
         pooled = [
             table.pool(name, per_feature[name])

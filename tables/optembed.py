@@ -381,11 +381,17 @@ def _masked_sum(values: Tensor, lengths: Tensor, mask: Tensor) -> Tensor:
 # adapters build such inputs and read the rows back as `OptEmbedPooling` expects them.
 
 
-def one_bag_per_id(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-    """The same IDs, each in its own bag: every key gets `stride` = the most IDs any key has
-    in this batch, its IDs in the first bags and empty bags after them."""
+def one_bag_per_id(features: KeyedJaggedTensor, stride: int | None = None) -> KeyedJaggedTensor:
+    """The same IDs, each in its own bag: every key gets `stride` bags (by default the most
+    IDs any key has in this batch), its IDs in the first bags and empty bags after them.
+
+    A sharded lookup needs one stride on every rank: pass the ranks' largest."""
     counts = torch.tensor(features.length_per_key(), device=features.values().device)
-    stride = int(counts.max()) if counts.numel() else 0
+    most = int(counts.max()) if counts.numel() else 0
+    if stride is None:
+        stride = most
+    elif stride < most:
+        raise ValueError(f"stride {stride} is below the {most} IDs of a key")
     lengths = torch.arange(stride, device=counts.device) < counts.unsqueeze(1)
     return KeyedJaggedTensor(
         keys=features.keys(),

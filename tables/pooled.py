@@ -10,6 +10,8 @@ feature's IDs to rows of its table and keep the feature as the lookup key. Virtu
 ones (`MultiplexedTransform`, `QuotientRemainderTransform`) turn a feature into several
 lookups (`f@0`, `f@1`, ... or `f@q`, `f@r`), pooled by the collection like any feature and
 concatenated back into the feature's embedding, which is then that many chunks wide.
+Routing ones (`CollisionlessTransform`) ask the owners of the IDs for rows, by event time,
+and add the table's default embedding for the IDs that have none.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.config import ExperimentConfig, TableConfig
+from tables.collisionless import CollisionlessTransform, route_tables
 from tables.multiplexed import (
     MultiplexedTransform,
     QuotientRemainderTransform,
@@ -69,21 +72,28 @@ class TableSpec:
 
 
 def _specs_of(
-    table: TableConfig, name: str, features: tuple[str, ...], vocabularies: dict[str, np.ndarray]
+    table: TableConfig,
+    name: str,
+    features: tuple[str, ...],
+    vocabularies: dict[str, np.ndarray],
+    workers: int,
 ) -> list[TableSpec]:
     """The physical tables behind one table name of a config entry."""
     common = {
-        "variant": table.variant,
+        "variant": table.storage_variant,
         "dim": table.embedding_dim,
         "pooling": table.pooling,
         "sharding": table.sharding,
     }
-    if table.variant == "full":
+    if table.storage_variant == "full":
         if name not in vocabularies:
             raise ValueError(f"table {name!r}: no vocabulary was built for it")
         return [TableSpec(name, features, num_rows=len(vocabularies[name]) + 1, **common)]
+    if table.variant == "collisionless":
+        rows = int(table.capacity) * workers  # type: ignore[arg-type]
+        return [TableSpec(name, features, num_rows=rows, **{**common, "sharding": "row_wise"})]
     rows = int(table.num_embeddings)  # type: ignore[arg-type]
-    if table.variant == "hash":
+    if table.storage_variant == "hash":
         return [TableSpec(name, features, num_rows=rows, **common)]
     if table.variant == "multiplexed":
         lookups = tuple(tuple(f"{f}@{j}" for j in range(table.probes_of(f))) for f in features)
@@ -104,9 +114,15 @@ def _specs_of(
     ]
 
 
-def table_specs(cfg: ExperimentConfig, vocabularies: dict[str, np.ndarray]) -> list[TableSpec]:
-    """Physical tables in config order; full tables take their size from the vocabulary."""
-    pooled = {f.name for f in cfg.features.sparse}
+def table_specs(
+    cfg: ExperimentConfig,
+    vocabularies: dict[str, np.ndarray],
+    exclude: frozenset[str] = frozenset(),
+) -> list[TableSpec]:
+    """Physical tables in config order; full tables take their size from the vocabulary.
+
+    `exclude`: sparse features read elsewhere (a sequence model's targets)."""
+    pooled = {f.name for f in cfg.features.sparse} - exclude
     specs: list[TableSpec] = []
     for table in cfg.tables:
         by_name: dict[str, list[str]] = {}
@@ -114,7 +130,7 @@ def table_specs(cfg: ExperimentConfig, vocabularies: dict[str, np.ndarray]) -> l
             if feature in pooled:
                 by_name.setdefault(name, []).append(feature)
         for name, features in by_name.items():
-            specs += _specs_of(table, name, tuple(features), vocabularies)
+            specs += _specs_of(table, name, tuple(features), vocabularies, cfg.train.workers)
     return specs
 
 
@@ -136,6 +152,7 @@ def make_transforms(
     a checkpoint keeps the rows a model was trained with even if that list changes later.
     """
     index = {f.name: i for i, f in enumerate(cfg.features.sparse)}
+    table_of = {f: t for t in cfg.tables for f in t.features}
     transforms: dict[str, nn.Module] = {}
     for spec in specs:
         if spec.transform in transforms:
@@ -145,6 +162,21 @@ def make_transforms(
             probes = [len(keys) for keys in spec.lookups]
             transform: nn.Module = MultiplexedTransform(
                 spec.features, probes, indices, spec.num_rows
+            )
+        elif spec.variant == "collisionless":
+            table = table_of[spec.features[0]]
+            transform = CollisionlessTransform(
+                spec.name,
+                spec.features,
+                capacity=int(table.capacity),  # type: ignore[arg-type]
+                num_shards=cfg.train.workers,
+                dim=spec.dim,
+                min_count=table.min_count,
+                ttl=table.ttl,
+                evict_every=table.evict_every,
+                policy=table.policy,
+                filter_width=table.filter_width,
+                buckets=table.buckets,
             )
         elif spec.variant == "qr":
             quotient, remainder = [s for s in specs if s.transform == spec.transform]
@@ -179,6 +211,9 @@ class PooledEmbeddings(nn.Module):
         self.feature_transform = {f: s.transform for s in specs for f in s.features}
         self.expanding = {
             name for name, t in transforms.items() if isinstance(t, VirtualFeatureTransform)
+        }
+        self.routing = {
+            name for name, t in transforms.items() if isinstance(t, CollisionlessTransform)
         }
         widths: dict[str, int] = {}
         for s in specs:
@@ -220,37 +255,73 @@ class PooledEmbeddings(nn.Module):
             stride=features.stride(),
         )
 
-    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Raw IDs -> the collection's input: rows, keyed by lookup.
+    def remap(
+        self, features: KeyedJaggedTensor, event_times: torch.Tensor | None = None
+    ) -> KeyedJaggedTensor:
+        """Raw IDs -> the collection's input: rows, keyed by lookup."""
+        return self._route(features, event_times)[0]
 
-        Consecutive keys served the same way (per-value, or by one virtual-feature
-        transform) are remapped together; the common case of one kind is a single pass.
+    def _route(
+        self, features: KeyedJaggedTensor, event_times: torch.Tensor | None
+    ) -> tuple[KeyedJaggedTensor, dict[str, torch.Tensor]]:
+        """`remap`, plus per feature of a routing transform the number of IDs per bag
+        that have no row and read the table's default embedding.
+
+        Consecutive keys served the same way (per-value, or by one virtual-feature or
+        routing transform) are remapped together; the common case of one kind is a single
+        pass. A routing transform runs once per batch (it inserts), so its keys must be
+        adjacent.
         """
         keys = features.keys()
-        kinds: list[str | None] = []  # per run: its virtual-feature transform, or None
+        kinds: list[str | None] = []  # per run: its virtual-feature / routing transform
         sizes: list[int] = []  # per run: its number of keys
         for key in keys:
             owner = self.feature_transform[key]
-            kind = owner if owner in self.expanding else None
+            kind = owner if owner in self.expanding | self.routing else None
             if kinds and kinds[-1] == kind:
                 sizes[-1] += 1
             else:
                 kinds.append(kind)
                 sizes.append(1)
+        routed = [k for k in kinds if k in self.routing]
+        if len(routed) != len(set(routed)):
+            raise ValueError(
+                f"features of a collisionless table must be adjacent in features.sparse: "
+                f"{sorted(k for k in routed if routed.count(k) > 1)}"
+            )
         parts = [features] if len(kinds) == 1 else features.split(sizes)
-        out = [
-            self._remap_values(part) if kind is None else self.transforms[kind].expand(part)
-            for kind, part in zip(kinds, parts, strict=True)
+        pending = [
+            (self.transforms[k], p) for k, p in zip(kinds, parts, strict=True) if k in self.routing
         ]
-        return out[0] if len(out) == 1 else KeyedJaggedTensor.concat(out)
+        routed = iter(route_tables(pending, event_times) if pending else [])
+        out, missing = [], {}
+        for kind, part in zip(kinds, parts, strict=True):
+            if kind is None:
+                out.append(self._remap_values(part))
+            elif kind in self.routing:
+                rows, counts = next(routed)
+                out.append(rows)
+                missing.update(zip(part.keys(), counts.view(len(part.keys()), -1), strict=True))
+            else:
+                out.append(self.transforms[kind].expand(part))
+        return (out[0] if len(out) == 1 else KeyedJaggedTensor.concat(out)), missing
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+    def forward(
+        self, features: KeyedJaggedTensor, event_times: torch.Tensor | None = None
+    ) -> KeyedTensor:
         """Pooled embeddings with keys in `feature_names` order, whatever the sharding.
 
-        A sharded collection orders its output by shard; regrouping restores config order
-        so the dense model always sees the same columns.
+        `event_times` (one per sample) drive collisionless tables' last-seen times and
+        expiry. A sharded collection orders its output by shard; regrouping restores
+        config order so the dense model always sees the same columns.
         """
-        pooled = self.ebc(self.remap(features)).to_dict()
+        rows, missing = self._route(features, event_times)
+        for name in self.routing:
+            self.transforms[name].reset_new_rows(self.ebc)
+        pooled = self.ebc(rows).to_dict()
+        for name, counts in missing.items():
+            transform = self.transforms[self.feature_transform[name]]
+            pooled[name] = transform.add_default(pooled[name], counts)
         for name in self.expanding:
             pooled.update(self.transforms[name].combine(pooled))
         if self.mean_features:

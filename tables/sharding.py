@@ -67,6 +67,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 AUTO = "auto"
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 # fbgemm's TBE default; set explicitly so the plain reference optimizer matches it
 # (torchrec's RowWiseAdagrad alone defaults to 1e-10).
@@ -300,12 +301,15 @@ def combined_optimizer(
     optimizer: str,
     lr: float,
     dense_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    own: Mapping[str, tuple[Callable[[str], bool], OptimizerFactory]] | None = None,
 ) -> KeyedOptimizer:
     """One optimizer for the training loop, covering every parameter exactly once.
 
     Parts: the fused table optimizer (its `step()` is a no-op, rows were updated in
     backward; it is included so that `state_dict()` carries its state), the sparse optimizer
     run as a plain torch optimizer on data-parallel tables, and `dense_optimizer` on the rest.
+    `own` maps a name to (parameter-name predicate, optimizer factory): the dense
+    parameters it selects get that optimizer instead (e.g. OptEmbed's thresholds, SGD).
     """
     optims: list[tuple[str, KeyedOptimizer]] = [("sparse", model.fused_optimizer)]
     replicated = replicated_table_parameters(model)
@@ -314,6 +318,11 @@ def combined_optimizer(
         factory = partial(optimizer_class, **kwargs)
         optims.append(("replicated", KeyedOptimizerWrapper(replicated, factory)))
     dense = dense_parameters(model)
+    for name, (selects, factory) in (own or {}).items():
+        mine = {k: p for k, p in dense.items() if selects(k)}
+        dense = {k: p for k, p in dense.items() if k not in mine}
+        if mine:
+            optims.append((name, KeyedOptimizerWrapper(mine, factory)))
     if dense:
         optims.append(("dense", KeyedOptimizerWrapper(dense, dense_optimizer)))
     return CombinedOptimizer(optims)

@@ -21,7 +21,8 @@ def _ids_of(feature_names: list[str], multi: set[str]) -> list[pl.Expr]:
 def build_vocabularies(
     cfg: ExperimentConfig, path: str | Path, before_timestamp: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Sorted int64 IDs per full-variant table, seen at least `min_count` times.
+    """Sorted int64 IDs per table with a vocabulary (full, or decoupled over full), seen at
+    least `min_count` times.
 
     Only rows older than `before_timestamp` count, so validation days never leak into the
     vocabulary. With `num_embeddings` set, the most frequent `num_embeddings - 1` IDs are
@@ -35,7 +36,7 @@ def build_vocabularies(
     multi |= {s.name for s in cfg.features.sequences}
     out: dict[str, np.ndarray] = {}
     for table in cfg.tables:
-        if table.variant != "full":
+        if not table.uses_vocabulary:
             continue
         for name, features in _features_per_table(table, cfg).items():
             out[name] = _vocabulary(log, features, multi, table)

@@ -66,7 +66,7 @@ def test_overrides_apply_with_yaml_types(tmp_path: Path) -> None:
         (["train.batch_size=0"], "train.batch_size: Input should be greater than 0"),
         (
             ["tables.0.variant=cuckoo"],
-            "tables[0].variant: Input should be 'full', 'hash', 'multiplexed' or 'qr'",
+            "tables[0].variant: Input should be 'full', 'hash', 'multiplexed', 'qr'",
         ),
         (["tables.0.num_embeddings=null"], "variant 'hash' needs num_embeddings"),
         (["tables.0.features=[a]"], "sparse features without a table: ['b']"),
@@ -107,3 +107,44 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+COLLISIONLESS = {"features": ["a"], "variant": "collisionless", "capacity": 64, "embedding_dim": 8}
+
+
+def _with_table(table: dict, **sections: dict) -> dict:
+    other = {"features": ["b"], "variant": "full", "embedding_dim": 8}
+    return {**MINIMAL, "tables": [table, other], **sections}
+
+
+def test_collisionless_defaults(tmp_path: Path) -> None:
+    table = load_config(_write(tmp_path, _with_table(COLLISIONLESS))).tables[0]
+    assert (table.capacity, table.ttl, table.policy, table.min_count) == (64, None, "evict_lru", 1)
+    assert table.buckets == 4096 and table.evict_every == 3600 and table.filter_width is None
+
+
+@pytest.mark.parametrize(
+    ("table", "sections", "message"),
+    [
+        ({"capacity": None}, {}, r"tables\[0\]: .*needs capacity"),
+        ({"num_embeddings": 10}, {}, "by capacity .* not num_embeddings"),
+        ({"sharding": "table_wise"}, {}, "sharding 'table_wise' is not possible"),
+        ({"filter_width": 1000}, {}, "filter_width must be a power of two"),
+        ({"policy": "grow"}, {}, r"tables\[0\]\.policy"),
+        ({"buckets": 2}, {"train": {"workers": 4}}, r"tables\[0\]\.buckets: 2 buckets"),
+        ({"variant": "hash", "num_embeddings": 8}, {}, "capacity is only for variant"),
+        ({"ttl": 0}, {}, r"tables\[0\]\.ttl"),
+    ],
+)
+def test_collisionless_errors_name_the_key(
+    tmp_path: Path, table: dict, sections: dict, message: str
+) -> None:
+    doc = _with_table({**COLLISIONLESS, **table}, **sections)
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, doc))
+
+
+def test_collisionless_knobs_rejected_elsewhere(tmp_path: Path) -> None:
+    doc = _with_table({"features": ["a"], "variant": "full", "embedding_dim": 8, "ttl": 60})
+    with pytest.raises(ConfigError, match="ttl is only for variant 'collisionless'"):
+        load_config(_write(tmp_path, doc))

@@ -1,0 +1,460 @@
+"""Collisionless tables (Monolith): raw IDs -> their own rows of a row-wise torchrec table.
+
+Layout. A table of `capacity` rows per shard and W shards (one per training rank) is one
+torchrec table of W * capacity rows, sharded row-wise, so rank r's block is rows
+[r * capacity, (r + 1) * capacity). Shard r owns the IDs whose bucket (`tables.ownership`)
+falls in rank r's bucket range and keeps their `IdMap` and `FrequencyFilter`; an ID it
+admits gets a slot s of its map, that is global row r * capacity + s, inside its own block.
+
+Training forward, per table: every rank sends its batch's IDs (and event times) to their
+owners with one gloo `all_to_all`; owners expire, filter, admit and evict, and answer with
+global rows (-1 where an ID has no row); the rows come back, and torchrec's row-wise input
+dist then moves each row to its owner's block for the lookup. IDs without a row (filtered,
+overflowed, unknown) are dropped from the lookup and read the table's default embedding, a
+dense parameter, instead: they train the shared default, nothing of their own. Rows given
+to IDs (new and recycled slots alike) are reset in the fbgemm TBE before the lookup:
+weights from a hash of the ID, so an ID starts the same whatever the slot or world size,
+and zero optimizer state.
+
+Each row also keeps the training step that last touched it, so an incremental export can
+write only the rows trained since the previous one (`touched_since`).
+
+The maps are per-rank state: they are kept out of the module's parameters and buffers, so
+DDP never broadcasts them and DCP never deduplicates them across ranks; `save_id_maps` /
+`load_id_maps` write and read one file per shard. Unsharded (evaluation, export) the module
+holds every shard and routes locally, read-only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tables.admission import FrequencyFilter
+from tables.idmap import IdMap, MapStats, Policy
+from tables.ownership import bucket_of, hash64, owner_of
+
+INIT_SEED = 0x1717
+FILTER_DEPTH = 4
+ID_MAP_DIR = "id_maps"
+_I64_MIN = torch.iinfo(torch.int64).min
+
+
+def initial_rows(ids: torch.Tensor, dim: int, bound: float) -> torch.Tensor:
+    """Uniform(-bound, bound) rows, a pure function of each ID: the same on any rank."""
+    per_id = hash64(ids.reshape(-1), INIT_SEED).unsqueeze(1)
+    bits = hash64(per_id + torch.arange(dim), INIT_SEED + 1)
+    unit = ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
+    return ((2.0 * unit - 1.0) * bound).to(torch.float32)
+
+
+@dataclass
+class TableCounters:
+    """What a table did since the last report: `MapStats` plus rows freed by expiry."""
+
+    map: MapStats = field(default_factory=MapStats)
+    expired: int = 0
+
+
+@dataclass
+class _Shard:
+    """One rank's part of a table: the ID map of its buckets, their frequency filter and
+    the training step that last touched each row (-1: never)."""
+
+    idmap: IdMap
+    filter: FrequencyFilter
+    touched: torch.Tensor
+
+
+class CollisionlessTransform(nn.Module):
+    """Raw IDs of a table's features -> global rows, by the owners' ID maps.
+
+    Args:
+        name: the torchrec table it serves.
+        features: the features that read the table (a shared table has several).
+        capacity: rows per shard; num_shards: training ranks (the table has their product).
+        min_count: sightings before an ID gets a row (count-min filter; 1 = admit all).
+        ttl, evict_every: seconds of event time; rows unseen for `ttl` are freed by a pass
+            each time the newest event time enters a new `evict_every` interval.
+        policy: when a shard is full (`IdMap` policies evict_lru / evict_lfu).
+        filter_width: count-min cells per row (power of two).
+        buckets: ownership buckets, fixed for the life of the data.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        features: tuple[str, ...],
+        capacity: int,
+        num_shards: int,
+        dim: int,
+        *,
+        min_count: int = 1,
+        ttl: int | None = None,
+        evict_every: int = 3600,
+        policy: Policy = "evict_lru",
+        filter_width: int | None = None,
+        buckets: int = 4096,
+    ) -> None:
+        super().__init__()
+        if policy not in ("evict_lru", "evict_lfu"):
+            raise ValueError(f"table {name!r}: policy {policy!r}; use evict_lru or evict_lfu")
+        self.name, self.features = name, tuple(features)
+        self.capacity, self.num_shards, self.dim = capacity, num_shards, dim
+        self.min_count, self.ttl, self.evict_every = min_count, ttl, evict_every
+        self.policy, self.buckets = policy, buckets
+        self.filter_width = filter_width or 1 << max(4, math.ceil(math.log2(2 * capacity)))
+        self.init_bound = math.sqrt(1.0 / (capacity * num_shards))  # torchrec's EBC default
+        self.default = nn.Parameter(torch.zeros(dim))
+        # Plain attributes, not submodules: per-rank state (see the module docstring).
+        self.shards: dict[int, _Shard] = {s: self._new_shard() for s in range(num_shards)}
+        self.rank: int | None = None
+        self.group: dist.ProcessGroup | None = None
+        self.last_pass: int | None = None  # index of the last expiry interval seen
+        self.steps = 0  # training forwards so far, the same on every rank
+        self.counters = TableCounters()
+        self._fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, ids) to reset
+        self._storage: tuple[nn.Module, Any] | None = None  # (collection, `table_storage`)
+
+    def _new_shard(self) -> _Shard:
+        return _Shard(
+            IdMap(self.capacity, self.policy),
+            FrequencyFilter(self.min_count, width=self.filter_width, depth=FILTER_DEPTH),
+            torch.full((self.capacity,), -1, dtype=torch.int64),
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return self.capacity * self.num_shards
+
+    def bind(self, rank: int, group: dist.ProcessGroup) -> None:
+        """Become rank `rank`'s part: keep only its shard, route IDs over `group`."""
+        if group.size() != self.num_shards:
+            raise ValueError(
+                f"table {self.name!r} was built for {self.num_shards} workers, "
+                f"the process group has {group.size()}"
+            )
+        self.rank, self.shards = rank, {rank: self.shards[rank]}
+        self.group = group if group.size() > 1 else None  # one rank routes locally
+
+    # ---- forward -----------------------------------------------------------------------
+
+    def route(
+        self, features: KeyedJaggedTensor, event_times: torch.Tensor | None
+    ) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+        """Raw IDs -> (the lookup's input, per bag the number of IDs reading the default).
+
+        `event_times` holds one time per sample (the batch's timestamps). The output keeps
+        the features as keys; IDs without a row are left out of their bags. Counts are
+        key-major, `[len(keys) * stride]`, like the lengths. `route_tables` does the same
+        for several tables with one exchange.
+        """
+        return route_tables([(self, features)], event_times)[0]
+
+    def add_default(self, pooled: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        """Pooled rows of one feature plus its bags' IDs without rows, each the default."""
+        return pooled + missing.unsqueeze(1).to(pooled.dtype) * self.default
+
+    def _owner(self, ids: torch.Tensor) -> torch.Tensor:
+        return owner_of(bucket_of(ids, self.buckets), self.buckets, self.num_shards)
+
+    def _rows_local(self, ids: torch.Tensor, times: torch.Tensor, now: int) -> torch.Tensor:
+        """Global row per ID (-1: none) from the shards held here (no other ranks)."""
+        owner = self._owner(ids)
+        self._advance_clock(now)
+        rows = torch.full_like(ids, -1)
+        for s in self.shards:
+            at = (owner == s).nonzero().squeeze(1)
+            rows.index_copy_(0, at, self._serve(s, ids[at], times[at]))
+        return rows
+
+    def _advance_clock(self, now: int) -> None:
+        """Expiry passes, driven by the newest event time of all ranks (deterministic)."""
+        if not self.training or self.ttl is None or now == _I64_MIN:
+            return
+        interval = now // self.evict_every
+        if self.last_pass is None:
+            self.last_pass = interval
+        elif interval > self.last_pass:
+            self.last_pass = interval
+            for shard in self.shards.values():
+                self.counters.expired += shard.idmap.expire(now, self.ttl).slots.numel()
+
+    def _serve(self, shard: int, ids: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """The owner's side: global rows of its IDs, admitting new ones when training."""
+        part = self.shards[shard]
+        if not ids.numel():
+            return torch.empty(0, dtype=torch.int64)
+        if self.training:
+            admit = part.filter if self.min_count > 1 else None
+            result = part.idmap.lookup_or_insert(ids, admit_mask=admit, now=times)
+            self.counters.map += result.stats
+            slots = result.slots
+            part.touched.index_fill_(0, slots[slots >= 0], self.steps)
+            if result.new_slots.numel():
+                new_ids = part.idmap.row_ids.index_select(0, result.new_slots)
+                self._fresh.append((result.new_slots + shard * self.capacity, new_ids))
+        else:
+            slots = part.idmap.lookup(ids)
+        return torch.where(slots >= 0, slots + shard * self.capacity, -1)
+
+    @torch.no_grad()
+    def reset_new_rows(self, ebc: nn.Module) -> None:
+        """Write initial weights and zero optimizer state into rows given out since the
+        last call, in the table's storage (a sharded TBE or a plain `EmbeddingBag`)."""
+        if not self._fresh:
+            return
+        rows = torch.cat([r for r, _ in self._fresh])
+        ids = torch.cat([i for _, i in self._fresh])
+        self._fresh = []
+        if self._storage is None or self._storage[0] is not ebc:
+            self._storage = (ebc, table_storage(ebc, self.name))
+        weight, states, first_row = self._storage[1]
+        local = (rows - first_row).to(weight.device)
+        init = initial_rows(ids, self.dim, self.init_bound)
+        weight.index_copy_(0, local, init.to(weight.device, weight.dtype))
+        for state in states:
+            state.index_fill_(0, local, 0)
+
+    # ---- state, stats, export ----------------------------------------------------------
+
+    def live_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(IDs, global rows) of every live row held here, sorted by ID."""
+        ids, rows = [], []
+        for s, shard in self.shards.items():
+            i, slots = shard.idmap.live_ids()
+            ids.append(i)
+            rows.append(slots + s * self.capacity)
+        all_ids, all_rows = torch.cat(ids), torch.cat(rows)
+        order = torch.argsort(all_ids)
+        return all_ids[order], all_rows[order]
+
+    def touched_since(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(IDs, global rows) of live rows trained in a step after `step`, sorted by ID."""
+        ids, rows = self.live_rows()
+        held = torch.stack([self.shards[s].touched for s in sorted(self.shards)])
+        shard, slot = rows // self.capacity - min(self.shards), rows % self.capacity
+        keep = held[shard, slot] > step
+        return ids[keep], rows[keep]
+
+    def take_counters(self) -> TableCounters:
+        counters, self.counters = self.counters, TableCounters()
+        return counters
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held here: ID maps (keys, values, reverse map, times, counts) and filters."""
+        return {
+            "map_bytes": sum(
+                sum(s.idmap.state_bytes().values()) + s.touched.numel() * 8
+                for s in self.shards.values()
+            ),
+            "filter_bytes": sum(s.filter.state_bytes()["filter"] for s in self.shards.values()),
+        }
+
+    def shard_state(self, shard: int) -> dict[str, Any]:
+        part = self.shards[shard]
+        return {
+            "num_shards": self.num_shards,
+            "idmap": part.idmap.state_dict(),
+            "filter": part.filter.state_dict(),
+            "touched": part.touched,
+            "last_pass": self.last_pass,
+            "steps": self.steps,
+        }
+
+    def load_shard_state(self, shard: int, state: dict[str, Any]) -> None:
+        if state["num_shards"] != self.num_shards:
+            raise ValueError(
+                f"table {self.name!r}: the checkpoint has {state['num_shards']} shards, this "
+                f"model {self.num_shards}; restoring onto another worker count is not supported"
+            )
+        part = self._new_shard()
+        part.idmap.load_state_dict(state["idmap"])
+        part.filter.load_state_dict(state["filter"])
+        part.touched = state["touched"]
+        self.shards[shard] = part
+        self.last_pass, self.steps = state["last_pass"], state["steps"]
+        self._fresh, self._storage = [], None
+
+    def extra_repr(self) -> str:
+        return (
+            f"table={self.name!r}, capacity={self.capacity} x {self.num_shards}, "
+            f"min_count={self.min_count}, ttl={self.ttl}, policy={self.policy}"
+        )
+
+
+def _exchange(
+    transforms: list[CollisionlessTransform],
+    ids: list[torch.Tensor],
+    times: list[torch.Tensor],
+    local_now: int,
+) -> list[torch.Tensor]:
+    """Global rows for every table's IDs, one all_to_all round trip for all tables.
+
+    Each (table, ID, time) goes to the ID's owner; owners advance their clocks to the
+    newest time of all ranks, serve table by table and send the rows back.
+    """
+    first = transforms[0]
+    group, world = first.group, first.num_shards
+    sizes = [len(i) for i in ids]
+    table = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(sizes))
+    flat_ids, flat_times = torch.cat(ids), torch.cat(times)
+    owner = torch.cat([t._owner(i) for t, i in zip(transforms, ids, strict=True)])
+    order = torch.argsort(owner, stable=True)
+    sent = torch.bincount(owner, minlength=world)
+    header = torch.stack([sent, torch.full_like(sent, local_now)], 1)
+    heard = torch.empty_like(header)
+    dist.all_to_all_single(heard, header, group=group)
+    received = heard[:, 0]
+    now = max(local_now, int(heard[:, 1].max()))
+    payload = torch.stack([table, flat_ids, flat_times], 1).index_select(0, order)
+    inbox = torch.empty(int(received.sum()), 3, dtype=torch.int64)
+    dist.all_to_all_single(inbox, payload, received.tolist(), sent.tolist(), group=group)
+    answer = torch.empty(len(inbox), dtype=torch.int64)
+    for k, transform in enumerate(transforms):
+        transform._advance_clock(now)
+        at = (inbox[:, 0] == k).nonzero().squeeze(1)
+        rows = transform._serve(transform.rank, inbox[at, 1], inbox[at, 2])  # type: ignore[arg-type]
+        answer.index_copy_(0, at, rows)
+    back = torch.empty_like(flat_ids)
+    dist.all_to_all_single(back, answer, sent.tolist(), received.tolist(), group=group)
+    return list(torch.empty_like(back).index_copy_(0, order, back).split(sizes))
+
+
+def route_tables(
+    tables: list[tuple[CollisionlessTransform, KeyedJaggedTensor]],
+    event_times: torch.Tensor | None,
+) -> list[tuple[KeyedJaggedTensor, torch.Tensor]]:
+    """`CollisionlessTransform.route` for several tables: one exchange between ranks for
+    all of them (bound tables share one group), not one per table."""
+    device = tables[0][1].values().device  # maps and gloo work on the CPU
+    ids, times, lengths = [], [], []
+    for transform, features in tables:
+        values = features.values().to("cpu", torch.int64)
+        bags = features.lengths().to("cpu", torch.int64)
+        if event_times is None:
+            times.append(torch.zeros_like(values))
+        else:
+            per_bag = event_times.to("cpu", torch.int64).repeat(len(features.keys()))
+            times.append(torch.repeat_interleave(per_bag, bags, output_size=len(values)))
+        ids.append(values)
+        lengths.append(bags)
+        transform.steps += int(transform.training)
+    transforms = [t for t, _ in tables]
+    # The batch's newest event time drives every table's expiry clock alike.
+    now = int(event_times.max()) if event_times is not None and event_times.numel() else _I64_MIN
+    if all(t.group is None for t in transforms):
+        triples = zip(transforms, ids, times, strict=True)
+        rows = [t._rows_local(i, ts, now) for t, i, ts in triples]
+    else:
+        rows = _exchange(transforms, ids, times, now)
+    out = []
+    for (_, features), found, bags in zip(tables, rows, lengths, strict=True):
+        kept = found >= 0
+        bag = torch.repeat_interleave(torch.arange(bags.numel()), bags, output_size=len(found))
+        missing = torch.zeros(bags.numel(), dtype=torch.int64).index_add_(
+            0, bag, (~kept).to(torch.int64)
+        )
+        routed = KeyedJaggedTensor(
+            keys=features.keys(),
+            values=found[kept].to(device),
+            lengths=(bags - missing).to(device, features.lengths().dtype),
+            stride=features.stride(),
+        )
+        out.append((routed, missing.to(device)))
+    return out
+
+
+def table_storage(ebc: nn.Module, table: str) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """(weight rows, optimizer state tensors, first global row) of this rank's block.
+
+    A sharded collection exposes its local shard as views of the fbgemm TBE's weights and
+    of its fused optimizer's state, so writing them writes the kernel's own storage.
+    """
+    state = ebc.state_dict()
+    weight = state[f"embedding_bags.{table}.weight"]
+    if not hasattr(weight, "local_shards"):
+        return weight, [], 0
+    (shard,) = weight.local_shards()
+    first_row = shard.metadata.shard_offsets[0]
+    states = []
+    for per_param in ebc.fused_optimizer.state.values():  # type: ignore[union-attr]
+        for key, value in per_param.items():
+            if key.startswith(f"{table}."):
+                states += [s.tensor for s in value.local_shards()]
+    return shard.tensor, states, first_row
+
+
+def collisionless_transforms(model: nn.Module) -> Iterator[CollisionlessTransform]:
+    return (m for m in model.modules() if isinstance(m, CollisionlessTransform))
+
+
+def bind_ownership(model: nn.Module, rank: int, group: dist.ProcessGroup) -> None:
+    """Make every collisionless table of `model` rank `rank`'s part (before sharding)."""
+    for transform in collisionless_transforms(model):
+        transform.bind(rank, group)
+
+
+def table_report(sparse: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """Per collisionless table, summed over ranks (a collective when `group` is given):
+    counters since the last report, live rows, load factor, bytes of rows / ID map /
+    optimizer state / filter."""
+    report: dict[str, Any] = {}
+    for transform in collisionless_transforms(sparse):
+        counters = transform.take_counters()
+        weight, states, _ = table_storage(sparse.ebc, transform.name)  # type: ignore[arg-type]
+        values = {
+            **asdict(counters.map),
+            "expired": counters.expired,
+            "live_rows": sum(s.idmap.num_live for s in transform.shards.values()),
+            "row_bytes": weight.numel() * weight.element_size(),
+            **transform.memory(),
+            "optimizer_bytes": sum(s.numel() * s.element_size() for s in states),
+        }
+        if group is not None:
+            summed = torch.tensor(list(values.values()), dtype=torch.int64)
+            dist.all_reduce(summed, group=group)
+            values = dict(zip(values, summed.tolist(), strict=True))
+        values["load_factor"] = values["live_rows"] / transform.num_rows
+        report[transform.name] = values
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """One line per table for the training log."""
+    mib = 1 << 20
+    return "\n".join(
+        f"table {name}: live={t['live_rows']} load={t['load_factor']:.3f} "
+        f"admitted={t['admitted']} filtered={t['filtered']} overflowed={t['overflowed']} "
+        f"evicted_lru={t['evicted_lru']} evicted_lfu={t['evicted_lfu']} expired={t['expired']} "
+        f"MiB rows={t['row_bytes'] / mib:.2f} map={t['map_bytes'] / mib:.2f} "
+        f"optimizer={t['optimizer_bytes'] / mib:.2f} filter={t['filter_bytes'] / mib:.2f}"
+        for name, t in report.items()
+    )
+
+
+def save_id_maps(model: nn.Module, directory: Path) -> None:
+    """One file per table and shard held here, next to the DCP files of the checkpoint."""
+    for transform in collisionless_transforms(model):
+        folder = directory / ID_MAP_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in transform.shards:
+            torch.save(transform.shard_state(s), folder / f"{transform.name}.{s}.pt")
+
+
+def load_id_maps(model: nn.Module, directory: Path) -> None:
+    """Restore the shards each table holds here (all of them in an unsharded model)."""
+    for transform in collisionless_transforms(model):
+        for s in list(transform.shards):
+            path = directory / ID_MAP_DIR / f"{transform.name}.{s}.pt"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no ID map for table {transform.name!r}")
+            transform.load_shard_state(s, torch.load(path, weights_only=True))

@@ -1,0 +1,290 @@
+"""Sequence tables: behaviour histories and their target items, looked up unpooled.
+
+A sequence model reads, per impression, the target's vector and one vector per behaviour
+of the user's history, each the concatenation of its fields' embeddings: item, category
+(the two `features.sequences` columns, looked up in their target feature's table) and
+time position (the reverse position in the history, 0 for the target; its own table). The
+histories stay jagged all the way: the IDs of a batch go to torchrec `EmbeddingCollection`s
+as one `KeyedJaggedTensor` (target keys of length 1, history keys of the history lengths)
+and come back as [N, d] values, never padded to the longest history.
+
+Storage is torchrec's, so `DistributedModelParallel` shards these tables like the pooled
+ones, with fused optimizers and checkpoints. torchrec wants one width per collection, so
+tables are grouped into one collection per embedding dim.
+
+Variants: a `full` or `hash` target table (one table serving attention and representation;
+the history reads the target's table) or a `decoupled` one (DARE): two tables `<name>@att`
+(attention_dim wide) and `<name>@rep` (embedding_dim), both keyed by the same row IDs from
+one ID transform; the item's decoupled-ness also splits the time-position table. The output
+always carries an attention and a representation set; for coupled tables they are the
+same tensors, so the model reading them never knows the variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from recsys.config import ExperimentConfig, TableConfig
+from tables.transforms import ModuloHash, VocabularyLookup
+
+ATTENTION, REPRESENTATION, BOTH = "att", "rep", "both"
+TIME = "time"  # the time-position field
+
+
+@dataclass(frozen=True)
+class Field:
+    """One part of a vector: its target and history lookup keys and the table it reads.
+
+    `table` is the config table name (the time field: `<item table>@time`); `transform`
+    names the ID transform of its raw IDs (None for positions).
+    """
+
+    name: str
+    target_key: str
+    history_key: str
+    table: str
+    transform: str | None
+    decoupled: bool
+
+
+@dataclass(frozen=True)
+class SequenceTableSpec:
+    """One physical table of a sequence collection and the lookup keys that read it."""
+
+    name: str
+    variant: str  # full | hash | decoupled | position
+    role: str  # att | rep | both
+    num_rows: int
+    dim: int
+    sharding: str
+    keys: tuple[str, ...]
+
+    @property
+    def bytes(self) -> int:
+        """float32 rows; optimizer state is accounted by the optimizer."""
+        return self.num_rows * self.dim * 4
+
+
+@dataclass
+class SequenceLookup:
+    """Looked-up embeddings of a batch: the attention and representation sets (target
+    [B, d], history [N, d], fields item | category | time) and history offsets [B + 1].
+    Coupled tables give the same tensors in both sets."""
+
+    attention_target: Tensor
+    attention_history: Tensor
+    representation_target: Tensor
+    representation_history: Tensor
+    offsets: Tensor
+
+
+def _role_key(key: str, role: str) -> str:
+    return key if role == BOTH else f"{key}@{role}"
+
+
+def _roles(decoupled: bool) -> tuple[str, ...]:
+    return (ATTENTION, REPRESENTATION) if decoupled else (BOTH,)
+
+
+class SequenceEmbeddings(nn.Module):
+    """(sparse targets, history KJTs) of raw IDs -> `SequenceLookup`.
+
+    `fields` are item, category, time in that order; `dims[role]` their widths per set.
+    """
+
+    def __init__(
+        self,
+        fields: list[Field],
+        specs: list[SequenceTableSpec],
+        transforms: dict[str, nn.Module],
+        time_positions: int,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.fields = fields
+        self.specs = specs
+        self.transforms = nn.ModuleDict(transforms)
+        self.time_positions = time_positions
+        by_key = {key: spec for spec in specs for key in spec.keys}
+        self.dims = {
+            role: [by_key[self._key(f, role, target=True)].dim for f in fields]
+            for role in (ATTENTION, REPRESENTATION)
+        }
+        by_dim: dict[int, list[SequenceTableSpec]] = {}
+        for spec in specs:
+            by_dim.setdefault(spec.dim, []).append(spec)
+        self.collections = nn.ModuleDict(
+            {
+                f"d{dim}": EmbeddingCollection(
+                    tables=[
+                        EmbeddingConfig(
+                            name=s.name,
+                            embedding_dim=s.dim,
+                            num_embeddings=s.num_rows,
+                            feature_names=list(s.keys),
+                        )
+                        for s in group
+                    ],
+                    device=device,
+                )
+                for dim, group in by_dim.items()
+            }
+        )
+        self.collection_keys = {
+            f"d{dim}": [key for s in group for key in s.keys] for dim, group in by_dim.items()
+        }
+
+    def _key(self, field: Field, role: str, *, target: bool) -> str:
+        """The lookup key of a field's target or history in the set `role`."""
+        key = field.target_key if target else field.history_key
+        return _role_key(key, role) if field.decoupled else key
+
+    def rows(
+        self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """Table rows of every lookup key, the lengths of every key, and history offsets."""
+        targets, histories = sparse.to_dict(), sequences.to_dict()
+        lengths = histories[self.fields[0].history_key].lengths().to(torch.int64)
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+        batch = lengths.shape[0]
+        ones = torch.ones(batch, dtype=lengths.dtype, device=lengths.device)
+        values: dict[str, Tensor] = {}
+        key_lengths: dict[str, Tensor] = {}
+        for field in self.fields:
+            if field.transform is None:
+                target = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
+                history = reverse_positions(offsets).clamp(max=self.time_positions - 1)
+            else:
+                transform = self.transforms[field.transform]
+                target = transform(targets[field.target_key].values())
+                history = transform(histories[field.history_key].values())
+            for role in _roles(field.decoupled):
+                values[_role_key(field.target_key, role)] = target
+                values[_role_key(field.history_key, role)] = history
+                key_lengths[_role_key(field.target_key, role)] = ones
+                key_lengths[_role_key(field.history_key, role)] = lengths
+        return values, key_lengths, offsets
+
+    def forward(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor) -> SequenceLookup:
+        values, lengths, offsets = self.rows(sparse, sequences)
+        looked_up: dict[str, JaggedTensor] = {}
+        for name, collection in self.collections.items():
+            keys = self.collection_keys[name]
+            features = KeyedJaggedTensor(
+                keys=keys,
+                values=torch.cat([values[k] for k in keys]),
+                lengths=torch.cat([lengths[k] for k in keys]),
+            )
+            looked_up.update(collection(features))
+
+        built: dict[tuple[str, ...], Tensor] = {}
+
+        def vectors(role: str, target: bool) -> Tensor:
+            """A set's vectors; coupled fields give both sets the very same tensor."""
+            keys = tuple(self._key(f, role, target=target) for f in self.fields)
+            if keys not in built:
+                built[keys] = torch.cat([looked_up[k].values() for k in keys], dim=1)
+            return built[keys]
+
+        return SequenceLookup(
+            attention_target=vectors(ATTENTION, True),
+            attention_history=vectors(ATTENTION, False),
+            representation_target=vectors(REPRESENTATION, True),
+            representation_history=vectors(REPRESENTATION, False),
+            offsets=offsets,
+        )
+
+    def table_of(self, field: Field, role: str) -> SequenceTableSpec:
+        """The table serving `field` in the set `role` (att or rep)."""
+        key = self._key(field, role, target=True)
+        return next(spec for spec in self.specs if key in spec.keys)
+
+    def sharding(self) -> dict[str, str]:
+        return {s.name: s.sharding for s in self.specs}
+
+
+def reverse_positions(offsets: Tensor) -> Tensor:
+    """[N] reverse position of every behaviour: 1 for each user's most recent, counting back."""
+    lengths = offsets[1:] - offsets[:-1]
+    total = int(offsets[-1])
+    ends = torch.repeat_interleave(offsets[1:], lengths, output_size=total)
+    return ends - torch.arange(total, device=offsets.device)
+
+
+# --------------------------------------------------------------------------- from config
+
+
+def _table_of(cfg: ExperimentConfig, feature: str) -> tuple[TableConfig, str]:
+    for table in cfg.tables:
+        names = table.table_names()
+        if feature in names:
+            return table, names[feature]
+    raise ValueError(f"sequence target {feature!r} has no table")
+
+
+def _transform(table: TableConfig, name: str, vocabularies: dict[str, np.ndarray]) -> nn.Module:
+    if table.uses_vocabulary:
+        if name not in vocabularies:
+            raise ValueError(f"table {name!r}: no vocabulary was built for it")
+        return VocabularyLookup(torch.from_numpy(np.asarray(vocabularies[name], np.int64)))
+    return ModuloHash(int(table.num_embeddings))  # type: ignore[arg-type]
+
+
+def build_sequence_embeddings(
+    cfg: ExperimentConfig,
+    vocabularies: dict[str, np.ndarray],
+    device: torch.device | None = None,
+) -> SequenceEmbeddings:
+    """The sequence tables of a sequence-model experiment, as its config declares them.
+
+    Fields: the two `features.sequences` (item, category) through their targets' tables,
+    then time positions in a table named after the item's, as wide as it and decoupled
+    with it.
+    """
+    fields: list[Field] = []
+    tables: dict[str, tuple[TableConfig, list[str]]] = {}  # config name -> (table, keys)
+    for seq in cfg.features.sequences:
+        table, name = _table_of(cfg, seq.target)
+        decoupled = table.variant == "decoupled"
+        fields.append(Field(seq.target, seq.target, seq.name, name, name, decoupled))
+        tables.setdefault(name, (table, []))[1].extend([seq.target, seq.name])
+    item_table, item_name = tables[fields[0].table][0], fields[0].table
+    time_name = f"{item_name}@{TIME}"
+    time_keys = [f"{TIME}@target", f"{TIME}@history"]
+    fields.append(Field(TIME, *time_keys, time_name, None, fields[0].decoupled))
+
+    specs: list[SequenceTableSpec] = []
+    transforms: dict[str, nn.Module] = {}
+
+    def add(name: str, table: TableConfig, rows: int, keys: list[str], variant: str) -> None:
+        decoupled = table.variant == "decoupled"
+        for role in _roles(decoupled):
+            dim = table.embedding_dim
+            if role == ATTENTION:
+                dim = table.attention_dim or table.embedding_dim
+            specs.append(
+                SequenceTableSpec(
+                    name=_role_key(name, role),
+                    variant=variant,
+                    role=role,
+                    num_rows=rows,
+                    dim=dim,
+                    sharding=table.sharding,
+                    keys=tuple(_role_key(k, role) for k in keys),
+                )
+            )
+
+    for name, (table, keys) in tables.items():
+        transform = _transform(table, name, vocabularies)
+        transforms[name] = transform
+        rows = int(transform.num_rows)
+        add(name, table, rows, keys, table.variant)
+    time_table = item_table.model_copy(update={"sharding": "auto"})
+    add(time_name, time_table, cfg.model.time_positions, time_keys, "position")
+    return SequenceEmbeddings(fields, specs, transforms, cfg.model.time_positions, device)
