@@ -9,7 +9,6 @@ global batches, and compares what it learned per ID, the dense weights and the l
 from __future__ import annotations
 
 import json
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from tables.collisionless import (
 from tables.pooled import PooledEmbeddings, TableSpec
 from tables.sharding import combined_optimizer, shard_model
 from tables.transforms import ModuloHash
+from tests.helpers import free_port
 
 DIM = 8
 CAPACITY = 64  # rows per rank at 2 ranks
@@ -419,19 +419,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     results = {}
     for world in (1, 2):
         out = tmp_path_factory.mktemp(f"world{world}") / "result.json"
         mp.start_processes(
-            _worker, args=(world, _free_port(), str(out)), nprocs=world, start_method="spawn"
+            _worker, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn"
         )
         results[world] = json.loads(out.read_text())
     return results

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ import pytest
 
 from recsys.config import load_config
 from recsys.synth import generate
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.cluster
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -38,7 +32,7 @@ def _ray(*args: str, env: dict[str, str], timeout: float) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     """A head node on loopback with its own dashboard (the Jobs API) and temp dir."""
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     # Loopback test cluster: no token auth, whatever token a developer's ~/.ray holds.
@@ -52,7 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
             "--head",
             "--block",
             "--node-ip-address=127.0.0.1",
-            f"--port={_free_port()}",
+            f"--port={free_port()}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             "--num-cpus=4",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tables.budget import budget_tables, full_parameters
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
 from tables.sharding import combined_optimizer, shard_model
 from tables.vocab import build_vocabularies
+from tests.helpers import free_port
 from tests.small_log import small_features, small_table
 
 DIM = 4
@@ -276,11 +276,10 @@ def _sharding_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_sharded_equals_unsharded(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "errors.json"
-    mp.start_processes(_sharding_worker, args=(port, str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(
+        _sharding_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn"
+    )
     assert json.loads(out.read_text()) == []
 
 

@@ -9,17 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import torch
 
 from pipelines.build import load_trained
 from pipelines.export import export
 from pipelines.optembed import BEST_FILE, CURVE_PNG, SEARCH_DIR, STATE_FILE, retrain, search
 from pipelines.train import train
-from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, load_config
-from recsys.logs import read_validated
 from recsys.serving import ServingModel
 from recsys.synth import generate
+from tests.helpers import trained_probabilities
 
 pytestmark = pytest.mark.slow
 HELD_OUT_DAY = "day=2026-01-03"
@@ -58,16 +56,6 @@ def supernet(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig
     ray.shutdown()
 
 
-def _probabilities(run: str, data: Path) -> np.ndarray:
-    cfg, model, _ = load_trained(run)
-    convert = BatchConverter(cfg.features)
-    with torch.no_grad():
-        parts = [
-            torch.sigmoid(model(convert(t))).numpy() for t in read_validated(data, cfg.features)
-        ]
-    return np.concatenate(parts)
-
-
 def test_supernet_trains_thresholds_and_keeps_them_in_its_checkpoint(supernet) -> None:
     _, _, result = supernet
     assert 0.5 < result["metrics"]["valid_auc"] < 1.0
@@ -95,4 +83,4 @@ def test_search_resumes_then_retrain_exports_a_compact_table(supernet, repo: Pat
     assert summary["bytes"] < summary["uncompacted_bytes"]
     data = tmp / "log" / HELD_OUT_DAY
     served = ServingModel(tmp / "compact").predict(data).column("prob").to_numpy()
-    np.testing.assert_allclose(served, _probabilities(retrained["run_dir"], data), atol=1e-6)
+    np.testing.assert_allclose(served, trained_probabilities(retrained["run_dir"], data), atol=1e-6)

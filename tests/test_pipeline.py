@@ -8,18 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import torch
 from sklearn.metrics import roc_auc_score
 
-from pipelines.build import load_trained
 from pipelines.evaluate import evaluate
 from pipelines.export import export
 from pipelines.train import train
-from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, load_config
 from recsys.logs import read_validated
 from recsys.serving import ServingModel
 from recsys.synth import generate
+from tests.helpers import trained_probabilities
 
 HELD_OUT_DAY = "day=2026-01-03"
 
@@ -54,16 +52,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig,
     ray.shutdown()
 
 
-def _model_probabilities(run: str, data: Path) -> np.ndarray:
-    cfg, model, _ = load_trained(run)
-    convert = BatchConverter(cfg.features)
-    with torch.no_grad():
-        parts = [
-            torch.sigmoid(model(convert(t))).numpy() for t in read_validated(data, cfg.features)
-        ]
-    return np.concatenate(parts)
-
-
 def test_training_reports_progress_metrics_and_checkpoints(trained) -> None:
     cfg, _, result = trained
     run = Path(result["run_dir"])
@@ -82,7 +70,7 @@ def test_evaluate_matches_sklearn_on_the_models_predictions(trained) -> None:
     _, tmp, result = trained
     data = tmp / "log" / HELD_OUT_DAY
     report = evaluate(result["run_dir"], data, workers=2)
-    probs = _model_probabilities(result["run_dir"], data)
+    probs = trained_probabilities(result["run_dir"], data)
     labels = np.concatenate(
         [t.column("label").to_numpy() for t in read_validated(data, trained[0].features)]
     )
@@ -100,7 +88,7 @@ def test_export_scores_exactly_what_the_trained_model_scores(trained) -> None:
     out = tmp / "export"
     export(result["run_dir"], out)
     served = ServingModel(out).predict(data).column("prob").to_numpy()
-    np.testing.assert_allclose(served, _model_probabilities(result["run_dir"], data), atol=1e-6)
+    np.testing.assert_allclose(served, trained_probabilities(result["run_dir"], data), atol=1e-6)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tables"][0]["lookup"] == "id"
     assert len(manifest["tables"]) == len(cfg.features.sparse)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from recsys.batch import Batch, BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
 from recsys.serving import ServingModel
 from tables.sharding import combined_optimizer, shard_model
+from tests.helpers import free_port
 
 ITEM_ROWS, POSITIONS = 50, 6
 CATEGORIES = np.arange(0, 140, 7, dtype=np.int64)  # the category vocabulary (20 IDs)
@@ -334,11 +334,10 @@ def _sharding_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow  # two spawned ranks with torchrec imports: about a minute on 2 cores
 def test_sharded_sequence_model_equals_unsharded(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "errors.json"
-    mp.start_processes(_sharding_worker, args=(port, str(out)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(
+        _sharding_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn"
+    )
     assert json.loads(out.read_text()) == []
 
 

@@ -13,7 +13,6 @@ divided by the world size.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,6 +56,7 @@ from tables.sharding import (
     sharding_constraints,
     sparse_optimizer_spec,
 )
+from tests.helpers import free_port
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -484,17 +484,11 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mismatches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     out = tmp_path_factory.mktemp("sharding") / "mismatches.json"
     mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, start_method="spawn"
+        _worker, args=(free_port(), str(out)), nprocs=WORLD_SIZE, start_method="spawn"
     )
     return json.loads(out.read_text())
 
