@@ -498,6 +498,13 @@ class ExperimentConfig(_Strict):
                 )
         self._check_optembed()
         for i, table in enumerate(self.tables):
+            if table.variant == "collisionless" and self.model.is_sequence:
+                # The sequence path neither passes event times to pooled tables nor reports
+                # collisionless table stats; refuse before any work rather than mid-training.
+                raise ValueError(
+                    f"tables[{i}]: variant 'collisionless' serves CTR models' pooled features, "
+                    f"not model {self.model.name!r}"
+                )
             if table.variant == "collisionless" and table.buckets < self.train.workers:
                 raise ValueError(
                     f"tables[{i}].buckets: {table.buckets} buckets cannot be owned by "

@@ -249,6 +249,17 @@ def _broken(change: Any) -> dict[str, Any]:
             "variant 'decoupled' with storage 'hash' needs num_embeddings",
         ),
         (
+            _broken(
+                lambda d: (
+                    d["features"]["sparse"].append("shop_id"),
+                    d["tables"].append(
+                        {"features": ["shop_id"], "variant": "collisionless", "capacity": 64}
+                    ),
+                )
+            ),
+            "variant 'collisionless' serves CTR models' pooled features, not model 'twin'",
+        ),
+        (
             _broken(lambda d: d["features"].update(sequences=d["features"]["sequences"][:1])),
             "needs exactly 2, got 1",
         ),
