@@ -13,14 +13,20 @@ Draws come from a seeded generator kept in the checkpoint, so replays are determ
 
 A `FrequencyFilter` is the `admit_mask` callable of `IdMap.lookup_or_insert`, which passes it
 only the IDs missing from the table: IDs that have rows are never counted.
+
+Sharded by ownership, a rank's sketch is `BucketedCountMinSketch`: every ownership bucket has
+its own cells, so the ranks' sketches are slices of one global sketch that does not depend on
+the world size, and resuming on another number of workers re-slices it exactly.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-from tables.ownership import hash64
+from tables.ownership import bucket_of, hash64
 
 SATURATION = 1 << 30  # counters stop here; one batch adds < 2^30 more, so int32 never wraps
 SKETCH_SEED = 0xC0FFEE
@@ -33,19 +39,27 @@ class CountMinSketch(nn.Module):
     hashing), so `depth` rows cost one hash.
     """
 
-    def __init__(self, width: int, depth: int = 4, seed: int = SKETCH_SEED) -> None:
+    def __init__(
+        self, width: int, depth: int = 4, seed: int = SKETCH_SEED, *, segments: int = 1
+    ) -> None:
         super().__init__()
         if width <= 0 or width & (width - 1) or depth <= 0:
             raise ValueError("width must be a power of two and depth positive")
         self.width, self.depth, self.seed = width, depth, seed
-        self.register_buffer("counters", torch.zeros(depth, width, dtype=torch.int32))
+        self.register_buffer("counters", torch.zeros(depth, segments * width, dtype=torch.int32))
+
+    def _segment(self, ids: torch.Tensor) -> torch.Tensor | int:
+        """Which `width` cells of each row an ID hashes into (one segment here)."""
+        return 0
 
     def _cells(self, ids: torch.Tensor) -> torch.Tensor:
         """Flat cell index per (row, ID): `depth x n`."""
-        h = hash64(ids.reshape(-1), self.seed)
+        flat = ids.reshape(-1)
+        h = hash64(flat, self.seed)
         low, high = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1
         rows = torch.arange(self.depth).unsqueeze(1)
-        return ((low + rows * high) & (self.width - 1)) + rows * self.width
+        columns = ((low + rows * high) & (self.width - 1)) + self._segment(flat) * self.width
+        return columns + rows * self.counters.shape[1]
 
     def add(self, ids: torch.Tensor) -> torch.Tensor:
         """Count one sighting per entry of `ids`; returns each ID's estimate after adding."""
@@ -70,6 +84,36 @@ class CountMinSketch(nn.Module):
         return self.counters.numel() * self.counters.element_size()
 
 
+class BucketSpan(NamedTuple):
+    """Ownership buckets [first, end) of `total` that a rank holds (`tables.ownership`)."""
+
+    first: int
+    end: int
+    total: int
+
+
+class BucketedCountMinSketch(CountMinSketch):
+    """A count-min sketch with `width` cells per row for each ownership bucket of `span`.
+
+    An ID's cells lie in its bucket's segment, so its estimate counts only IDs of its own
+    bucket, and the sketch of buckets [first, end) is columns [first * width, end * width)
+    of the same sketch over all buckets. A rank's sketch is thus a slice of one global
+    sketch whatever the number of ranks: concatenating the ranks' counters in rank order
+    and slicing them by the new ranges moves it to another world size, every estimate kept.
+    The segment comes from the ownership hash, the cell inside it from the sketch's own, so
+    the two are independent.
+    """
+
+    def __init__(
+        self, width: int, span: BucketSpan, depth: int = 4, seed: int = SKETCH_SEED
+    ) -> None:
+        super().__init__(width, depth, seed, segments=span.end - span.first)
+        self.span = span
+
+    def _segment(self, ids: torch.Tensor) -> torch.Tensor:
+        return bucket_of(ids, self.span.total) - self.span.first
+
+
 class FrequencyFilter(nn.Module):
     """Admission mask for IDs missing from the table; callable as `admit_mask`.
 
@@ -78,6 +122,8 @@ class FrequencyFilter(nn.Module):
         width, depth: sketch size (deterministic mode only); bytes = 4 * width * depth.
         probabilistic: Monolith's probabilistic admission instead of counting.
         seed: seed of the probabilistic draws.
+        span: count per ownership bucket (`BucketedCountMinSketch`; `width` is then the
+            cells per bucket and row).
     """
 
     def __init__(
@@ -88,12 +134,18 @@ class FrequencyFilter(nn.Module):
         depth: int = 4,
         probabilistic: bool = False,
         seed: int = 0,
+        span: BucketSpan | None = None,
     ) -> None:
         super().__init__()
         self.min_count = min_count
         self.probabilistic = probabilistic
-        counting = min_count > 1 and not probabilistic
-        self.sketch = CountMinSketch(width, depth) if counting else None
+        self.sketch: CountMinSketch | None = None
+        if min_count > 1 and not probabilistic:
+            self.sketch = (
+                CountMinSketch(width, depth)
+                if span is None
+                else BucketedCountMinSketch(width, span, depth)
+            )
         self.p = 1 - 0.05 ** (1 / min_count) if min_count > 1 else 1.0
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -23,6 +23,15 @@ The maps are per-rank state: they are kept out of the module's parameters and bu
 DDP never broadcasts them and DCP never deduplicates them across ranks; `save_id_maps` /
 `load_id_maps` write and read one file per shard. Unsharded (evaluation, export) the module
 holds every shard and routes locally, read-only.
+
+Restoring onto another number of workers (or another capacity) moves whole buckets: each
+live ID goes to the rank that now owns its bucket, with its last-seen time, count and
+touched step, into the next free slot of that rank's new map (in the order of the old
+global rows); `load_id_maps` returns the (old row, new row) pairs so the checkpoint loader
+can move the table rows and their optimizer state (`pipelines.checkpoint`). The frequency
+filter counts per bucket (`BucketedCountMinSketch`), so the ranks' sketches are slices of
+one global sketch and are re-sliced exactly. A rank that cannot hold the live rows of its
+new buckets stops the restore with an error; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -31,20 +40,22 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tables.admission import FrequencyFilter
+from tables.admission import BucketSpan, FrequencyFilter
 from tables.idmap import IdMap, MapStats, Policy
-from tables.ownership import bucket_of, hash64, owner_of
+from tables.ownership import bucket_of, bucket_range, hash64, owner_of
 
 INIT_SEED = 0x1717
 FILTER_DEPTH = 4
+MIN_BUCKET_WIDTH = 8  # filter cells per bucket and row: fewer would share cells in every row
 ID_MAP_DIR = "id_maps"
+STATE_FORMAT = 2  # of the per-shard files: 2 = filter counted per bucket, counters kept
 _I64_MIN = torch.iinfo(torch.int64).min
 
 
@@ -62,6 +73,23 @@ class TableCounters:
 
     map: MapStats = field(default_factory=MapStats)
     expired: int = 0
+
+    def __iadd__(self, other: TableCounters) -> TableCounters:
+        self.map += other.map
+        self.expired += other.expired
+        return self
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TableCounters:
+        return cls(MapStats(**saved["map"]), saved["expired"])
+
+
+class RowMoves(NamedTuple):
+    """A table restored onto another layout: per live ID held here, its global row in the
+    checkpoint's table (`old`) and in this one (`new`)."""
+
+    old: torch.Tensor
+    new: torch.Tensor
 
 
 @dataclass
@@ -85,7 +113,9 @@ class CollisionlessTransform(nn.Module):
         ttl, evict_every: seconds of event time; rows unseen for `ttl` are freed by a pass
             each time the newest event time enters a new `evict_every` interval.
         policy: when a shard is full (`IdMap` policies evict_lru / evict_lfu).
-        filter_width: count-min cells per row (power of two).
+        filter_width: count-min cells per row and shard (power of two); the filter keeps
+            `filter_width * num_shards / buckets` cells per bucket (a power of two, at
+            least `MIN_BUCKET_WIDTH`), so its layout does not depend on the world size.
         buckets: ownership buckets, fixed for the life of the data.
     """
 
@@ -112,10 +142,12 @@ class CollisionlessTransform(nn.Module):
         self.min_count, self.ttl, self.evict_every = min_count, ttl, evict_every
         self.policy, self.buckets = policy, buckets
         self.filter_width = filter_width or 1 << max(4, math.ceil(math.log2(2 * capacity)))
+        per_bucket = self.filter_width * num_shards / buckets
+        self.bucket_width = max(MIN_BUCKET_WIDTH, 1 << max(0, math.ceil(math.log2(per_bucket))))
         self.init_bound = math.sqrt(1.0 / (capacity * num_shards))  # torchrec's EBC default
         self.default = nn.Parameter(torch.zeros(dim))
         # Plain attributes, not submodules: per-rank state (see the module docstring).
-        self.shards: dict[int, _Shard] = {s: self._new_shard() for s in range(num_shards)}
+        self.shards: dict[int, _Shard] = {s: self._new_shard(s) for s in range(num_shards)}
         self.rank: int | None = None
         self.group: dist.ProcessGroup | None = None
         self.last_pass: int | None = None  # index of the last expiry interval seen
@@ -124,10 +156,14 @@ class CollisionlessTransform(nn.Module):
         self._fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, ids) to reset
         self._storage: tuple[nn.Module, Any] | None = None  # (collection, `table_storage`)
 
-    def _new_shard(self) -> _Shard:
+    def _new_shard(self, shard: int) -> _Shard:
+        span = BucketSpan(*bucket_range(shard, self.buckets, self.num_shards), self.buckets)
+        admission = FrequencyFilter(
+            self.min_count, width=self.bucket_width, depth=FILTER_DEPTH, span=span
+        )
         return _Shard(
             IdMap(self.capacity, self.policy),
-            FrequencyFilter(self.min_count, width=self.filter_width, depth=FILTER_DEPTH),
+            admission,
             torch.full((self.capacity,), -1, dtype=torch.int64),
         )
 
@@ -260,29 +296,110 @@ class CollisionlessTransform(nn.Module):
         }
 
     def shard_state(self, shard: int) -> dict[str, Any]:
+        """What a checkpoint keeps of one shard; the counters since the last report go with
+        the lowest shard held here, so summing all files counts them once."""
         part = self.shards[shard]
+        counters = self.counters if shard == min(self.shards) else TableCounters()
         return {
+            "format": STATE_FORMAT,
             "num_shards": self.num_shards,
+            "capacity": self.capacity,
+            "buckets": self.buckets,
+            "bucket_width": self.bucket_width,
             "idmap": part.idmap.state_dict(),
             "filter": part.filter.state_dict(),
             "touched": part.touched,
             "last_pass": self.last_pass,
             "steps": self.steps,
+            "counters": asdict(counters),
         }
 
-    def load_shard_state(self, shard: int, state: dict[str, Any]) -> None:
-        if state["num_shards"] != self.num_shards:
+    def _adopt(self, state: dict[str, Any], source: Path) -> None:
+        """Take the saved clock and filter layout; refuse files this code cannot read."""
+        if state.get("format") != STATE_FORMAT:
             raise ValueError(
-                f"table {self.name!r}: the checkpoint has {state['num_shards']} shards, this "
-                f"model {self.num_shards}; restoring onto another worker count is not supported"
+                f"{source}: ID map format {state.get('format', 1)}, this code reads "
+                f"{STATE_FORMAT} (filter counted per bucket); retrain or use that version"
             )
-        part = self._new_shard()
-        part.idmap.load_state_dict(state["idmap"])
-        part.filter.load_state_dict(state["filter"])
-        part.touched = state["touched"]
-        self.shards[shard] = part
+        if state["buckets"] != self.buckets:
+            raise ValueError(
+                f"{source}: table {self.name!r} was trained with {state['buckets']} buckets, "
+                f"the config has {self.buckets}; buckets are fixed for the life of the data"
+            )
+        self.bucket_width = state["bucket_width"]
         self.last_pass, self.steps = state["last_pass"], state["steps"]
         self._fresh, self._storage = [], None
+
+    def load_shards(self, states: dict[int, tuple[dict[str, Any], Path]]) -> None:
+        """Restore the shards held here from a checkpoint of the same layout:
+        {shard: (its saved state, its file)}."""
+        self.counters = TableCounters()
+        for shard, (state, source) in states.items():
+            self._adopt(state, source)
+            part = self._new_shard(shard)
+            part.idmap.load_state_dict(state["idmap"])
+            part.filter.load_state_dict(state["filter"])
+            part.touched = state["touched"]
+            self.shards[shard] = part
+            self.counters += TableCounters.from_dict(state["counters"])
+
+    def reshard(self, states: Iterator[tuple[dict[str, Any], Path]]) -> RowMoves:
+        """Restore the shards held here from a checkpoint of another layout (every saved
+        shard, in shard order; read one at a time). Each live ID goes to the owner of its
+        bucket here, in the order of its old global row; the filter's global sketch is
+        re-sliced; each saved shard's counters go to the owner of its first bucket.
+
+        Raises ValueError, on every rank alike, if any rank here cannot hold the live rows
+        of its buckets.
+        """
+        ids, old_rows, seen, counts, touched, sketches = [], [], [], [], [], []
+        self.counters = TableCounters()
+        clocks, saved_shards = set(), 0
+        for shard, (state, source) in enumerate(states):
+            self._adopt(state, source)
+            clocks.add((state["last_pass"], state["steps"]))
+            saved_shards = state["num_shards"]
+            idmap = IdMap(state["capacity"])
+            idmap.load_state_dict(state["idmap"])
+            live, slots = idmap.live_ids()
+            ids.append(live)
+            old_rows.append(slots + shard * state["capacity"])
+            seen.append(idmap.last_seen[slots])
+            counts.append(idmap.counts[slots])
+            touched.append(state["touched"][slots])
+            if "sketch.counters" in state["filter"]:
+                sketches.append(state["filter"]["sketch.counters"])
+            first = torch.tensor([bucket_range(shard, self.buckets, saved_shards)[0]])
+            if int(owner_of(first, self.buckets, self.num_shards)) in self.shards:
+                self.counters += TableCounters.from_dict(state["counters"])
+        if len(clocks) != 1:
+            raise ValueError(f"table {self.name!r}: the saved shards disagree on the clock")
+        all_ids, all_rows = torch.cat(ids), torch.cat(old_rows)
+        all_seen, all_counts, all_touched = torch.cat(seen), torch.cat(counts), torch.cat(touched)
+        owner = self._owner(all_ids)
+        needed = torch.bincount(owner, minlength=self.num_shards)
+        for rank in (needed > self.capacity).nonzero().flatten().tolist():
+            raise ValueError(
+                f"table {self.name!r}: restoring {saved_shards} workers' checkpoint onto "
+                f"{self.num_shards}, rank {rank} needs {int(needed[rank])} rows for the live "
+                f"IDs of its buckets but its capacity is {self.capacity}; raise capacity to "
+                f"at least {int(needed.max())} or use more workers"
+            )
+        sketch = torch.cat(sketches, 1) if sketches else None
+        old, new = [], []
+        for rank in sorted(self.shards):
+            part = self._new_shard(rank)
+            at = (owner == rank).nonzero().squeeze(1)
+            slots = part.idmap.restore_rows(all_ids[at], all_seen[at], all_counts[at])
+            part.touched.index_copy_(0, slots, all_touched[at])
+            if sketch is not None and part.filter.sketch is not None:
+                first, end = bucket_range(rank, self.buckets, self.num_shards)
+                width = self.bucket_width
+                part.filter.sketch.counters.copy_(sketch[:, first * width : end * width])
+            self.shards[rank] = part
+            old.append(all_rows[at])
+            new.append(slots + rank * self.capacity)
+        return RowMoves(torch.cat(old), torch.cat(new))
 
     def extra_repr(self) -> str:
         return (
@@ -450,11 +567,44 @@ def save_id_maps(model: nn.Module, directory: Path) -> None:
             torch.save(transform.shard_state(s), folder / f"{transform.name}.{s}.pt")
 
 
-def load_id_maps(model: nn.Module, directory: Path) -> None:
-    """Restore the shards each table holds here (all of them in an unsharded model)."""
+def _shard_files(directory: Path, table: str) -> list[Path]:
+    """The checkpoint's files of `table`, one per saved shard, in shard order."""
+    files = sorted((directory / ID_MAP_DIR).glob(f"{table}.*.pt"))
+    number = {int(p.name[len(table) + 1 : -3]): p for p in files}
+    if not number or sorted(number) != list(range(len(number))):
+        raise FileNotFoundError(
+            f"{directory / ID_MAP_DIR}: table {table!r} needs files {table}.0.pt .. "
+            f"{table}.N.pt, found {[p.name for p in files]}"
+        )
+    return [number[s] for s in range(len(number))]
+
+
+def _read(path: Path) -> tuple[dict[str, Any], Path]:
+    return torch.load(path, weights_only=True), path
+
+
+def load_id_maps(model: nn.Module, directory: Path) -> dict[str, RowMoves]:
+    """Restore the shards each table holds here (all of them in an unsharded model).
+
+    A table saved with another number of shards or capacity is resharded: the result
+    names it with the moves its rows and optimizer state need (rows held here only).
+    Resharding reads every saved shard's file, one at a time.
+    """
+    moves = {}
     for transform in collisionless_transforms(model):
-        for s in list(transform.shards):
-            path = directory / ID_MAP_DIR / f"{transform.name}.{s}.pt"
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no ID map for table {transform.name!r}")
-            transform.load_shard_state(s, torch.load(path, weights_only=True))
+        files = _shard_files(directory, transform.name)
+        first, _ = _read(files[0])
+        same = (len(files), first.get("capacity")) == (transform.num_shards, transform.capacity)
+        if same:
+            transform.load_shards({s: _read(files[s]) for s in transform.shards})
+        else:
+            moves[transform.name] = transform.reshard(_read(f) for f in files)
+    return moves
+
+
+def table_weight_key(state_dict: dict[str, Any], table: str) -> str:
+    """The model state-dict key of a collisionless table's rows (found next to its
+    transform's default embedding, so any wrapping prefix is kept)."""
+    suffix = f"transforms.{table}.default"
+    (key,) = (k for k in state_dict if k.endswith(suffix))
+    return f"{key[: -len(suffix)]}ebc.embedding_bags.{table}.weight"

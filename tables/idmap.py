@@ -336,6 +336,20 @@ class IdMap(nn.Module):
         rows = (self.live & (self.last_seen <= cutoff)).nonzero().squeeze(1)
         return self._free_rows(rows)
 
+    @torch.no_grad()
+    def restore_rows(
+        self, ids: torch.Tensor, last_seen: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Give distinct IDs absent from the map the next free rows, with their saved
+        last-seen times and counts (a checkpoint moved to another layout); their slots."""
+        if ids.numel() > int(self.num_free):
+            raise ValueError(f"{ids.numel()} rows to restore, {int(self.num_free)} free")
+        slots = self._pop_free(ids.numel())
+        self._occupy(ids, slots)
+        self.last_seen.index_copy_(0, slots, last_seen)
+        self.counts.index_copy_(0, slots, counts)
+        return slots
+
     def live_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, slots) of every live row, slots ascending: what an export writes."""
         rows = self.live.nonzero().squeeze(1)
