@@ -4,6 +4,8 @@ The in-process tests drive an unsharded `PooledEmbeddings` (every shard held loc
 check it against what each ID should read. The spawned test trains the same model with
 torchrec DMP on 1 rank (capacity 2C) and on 2 gloo ranks (capacity C each), on the same
 global batches, and compares what it learned per ID, the dense weights and the logits.
+Each run checkpoints and trains on; the other world size restores that checkpoint (2 -> 1
+and 1 -> 2 ranks) and must hold the same per-ID state and train on as the saved run did.
 """
 
 from __future__ import annotations
@@ -342,17 +344,49 @@ def _steps(dmp: Any, optimizer: Any, cfg: ExperimentConfig, steps: range, rank: 
     return logits
 
 
-def _resumes_exactly(
-    cfg: ExperimentConfig, rank: int, dmp: Any, optimizer: Any, ckpt: Path
-) -> bool:
-    """Checkpoint, train on; restore into a fresh sharded model, train on the same: the
-    logits must be bitwise equal (rows, optimizer state, ID maps, filters, clock)."""
-    save_checkpoint(ckpt, dmp, optimizer, {"step": STEPS})
-    after = range(STEPS, STEPS + 2)
-    expected = _steps(dmp, optimizer, cfg, after, rank)
-    fresh, fresh_optimizer = _sharded(cfg, rank)
-    load_checkpoint(ckpt, fresh, fresh_optimizer)
-    return _steps(fresh, fresh_optimizer, cfg, after, rank) == expected
+AFTER = range(STEPS, STEPS + 2)  # steps trained after the checkpoint
+
+
+def _row_state(dmp: Any) -> dict[str, dict[str, list[float]]]:
+    """Per table, live ID -> its row's weights, row-wise Adagrad momentum, last-seen time
+    and count, read from the rank's TBE, fused optimizer and ID map."""
+    out = {}
+    for name in ("a", "b"):
+        transform = dmp.module.sparse.transforms[name]
+        weight, (momentum,), first = table_storage(dmp.module.sparse.ebc, name)
+        shard = transform.shards[transform.rank]
+        ids, rows = transform.live_rows()
+        slots = rows - transform.rank * transform.capacity
+        values = torch.cat(
+            [
+                weight[rows - first].double(),
+                momentum[rows - first].double().unsqueeze(1),
+                shard.idmap.last_seen[slots].double().unsqueeze(1),
+                shard.idmap.counts[slots].double().unsqueeze(1),
+            ],
+            1,
+        )
+        out[name] = dict(zip(map(str, ids.tolist()), values.tolist(), strict=True))
+    return out
+
+
+def _continued(dmp: Any, optimizer: Any, cfg: ExperimentConfig, rank: int) -> dict[str, Any]:
+    """The model as restored (or saved), then trained on the steps after the checkpoint."""
+    sparse = dmp.module.sparse
+    restored = _row_state(dmp)
+    defaults = {name: sparse.transforms[name].default.tolist() for name in ("a", "b")}
+    clocks = {
+        name: (sparse.transforms[name].steps, sparse.transforms[name].last_pass) for name in "ab"
+    }
+    logits = _steps(dmp, optimizer, cfg, AFTER, rank)
+    return {
+        "restored": restored,
+        "defaults": defaults,
+        "clocks": clocks,
+        "after_logits": logits,
+        "after_rows": _row_state(dmp),
+        "after_report": table_report(sparse, dist.group.WORLD),
+    }
 
 
 def _train(rank: int, world: int, ckpt: Path) -> dict[str, Any]:
@@ -375,17 +409,49 @@ def _train(rank: int, world: int, ckpt: Path) -> dict[str, Any]:
         embeddings[name] = dict(zip(ids.tolist(), weight[rows - first].tolist(), strict=True))
     state = {k: v.tolist() for k, v in dmp.module.dense.state_dict().items()}
     state.update({f"default.{n}": dmp.module.sparse.transforms[n].default.tolist() for n in "ab"})
-    resumed = _resumes_exactly(cfg, rank, dmp, optimizer, ckpt) if world > 1 else True
+    save_checkpoint(ckpt, dmp, optimizer, {"step": STEPS})
+    continued = _continued(dmp, optimizer, cfg, rank)
+    # Restored into a fresh model on the same ranks, the steps after it are bitwise equal.
+    resumed = True
+    if world > 1:
+        fresh, fresh_optimizer = _sharded(cfg, rank)
+        load_checkpoint(ckpt, fresh, fresh_optimizer)
+        resumed = _steps(fresh, fresh_optimizer, cfg, AFTER, rank) == continued["after_logits"]
     return {
         "logits": logits,
         "embeddings": embeddings,
         "dense": state,
         "report": report,
         "resumed": resumed,
+        **continued,
     }
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _restore(rank: int, world: int, ckpt: Path) -> dict[str, Any]:
+    """Another world's checkpoint restored onto `world` ranks, then trained on."""
+    cfg = _config(world, CAPACITY * 2 // world)
+    dmp, optimizer = _sharded(cfg, rank)
+    load_checkpoint(ckpt, dmp, optimizer)
+    return _continued(dmp, optimizer, cfg, rank)
+
+
+def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' results as one: logits per step in rank order (the global batch), per-ID
+    dicts united; everything else as rank 0 has it."""
+    merged = results[0]
+    merged["resumed"] = all(r.get("resumed", True) for r in results)
+    for other in results[1:]:
+        for key in ("logits", "after_logits"):
+            if key in merged:
+                pairs = zip(merged[key], other[key], strict=True)
+                merged[key] = [a + b for a, b in pairs]
+        for key in ("embeddings", "restored", "after_rows"):
+            for name, rows in other.get(key, {}).items():
+                merged[key][name].update(rows)
+    return merged
+
+
+def _worker(rank: int, world: int, port: int, out: str, restore_from: str | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -395,20 +461,24 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         timeout=timedelta(seconds=120),
     )
     try:
-        result = _train(rank, world, Path(out).parent / "checkpoint")
+        if restore_from is None:
+            result = _train(rank, world, Path(out).parent / "checkpoint")
+        else:
+            result = _restore(rank, world, Path(restore_from))
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, result)
         if rank == 0:
-            merged = everyone[0]
-            merged["resumed"] = all(r["resumed"] for r in everyone)
-            for other in everyone[1:]:
-                pairs = zip(merged["logits"], other["logits"], strict=True)
-                merged["logits"] = [a + b for a, b in pairs]
-                for name, rows in other["embeddings"].items():
-                    merged["embeddings"][name].update(rows)
-            Path(out).write_text(json.dumps(merged))
+            Path(out).write_text(json.dumps(_merge(everyone)))
     finally:
         dist.destroy_process_group()
+
+
+def _spawn(world: int, out: Path, restore_from: Path | None = None) -> dict[str, Any]:
+    source = None if restore_from is None else str(restore_from)
+    mp.start_processes(
+        _worker, args=(world, free_port(), str(out), source), nprocs=world, start_method="spawn"
+    )
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -416,10 +486,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     results = {}
     for world in (1, 2):
         out = tmp_path_factory.mktemp(f"world{world}") / "result.json"
-        mp.start_processes(
-            _worker, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn"
-        )
-        results[world] = json.loads(out.read_text())
+        results[world] = _spawn(world, out)
+        results[world]["checkpoint"] = str(out.parent / "checkpoint")
+    return results
+
+
+@pytest.fixture(scope="module")
+def restored(
+    runs: dict[int, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """(saved on, restored onto) -> the restored run: 2 -> 1 and 1 -> 2 workers."""
+    results = {}
+    for saved, world in ((2, 1), (1, 2)):
+        out = tmp_path_factory.mktemp(f"restore{saved}to{world}") / "result.json"
+        results[saved, world] = _spawn(world, out, Path(runs[saved]["checkpoint"]))
     return results
 
 
@@ -438,6 +518,32 @@ def test_two_ranks_learn_what_one_rank_learns(runs: dict[int, dict[str, Any]]) -
 @pytest.mark.slow
 def test_two_rank_checkpoint_resumes_bitwise(runs: dict[int, dict[str, Any]]) -> None:
     assert runs[2]["resumed"]
+
+
+@pytest.mark.slow  # two more spawned torchrec jobs: ~1.5 min on 2 busy cores
+@pytest.mark.parametrize("move", [(2, 1), (1, 2)])
+def test_restore_onto_another_worker_count_continues_exactly(
+    move: tuple[int, int],
+    runs: dict[int, dict[str, Any]],
+    restored: dict[tuple[int, int], dict[str, Any]],
+) -> None:
+    """Every live ID keeps its row, momentum, last-seen time and count bitwise; the default,
+    the clock and (summed) the counters continue; the steps after the checkpoint score and
+    learn what the saved run scores and learns on its own number of workers."""
+    source, got = runs[move[0]], restored[move]
+    for name in ("a", "b"):
+        assert got["restored"][name] == source["restored"][name]
+        assert len(source["restored"][name]) > 10
+        assert got["defaults"][name] == source["defaults"][name]
+        assert got["clocks"][name] == source["clocks"][name]
+        counts = ("lookups", "hits", "admitted", "filtered", "expired", "live_rows")
+        for key in counts:
+            assert got["after_report"][name][key] == source["after_report"][name][key], key
+    np.testing.assert_allclose(got["after_logits"], source["after_logits"], atol=1e-5)
+    for name in ("a", "b"):
+        assert got["after_rows"][name].keys() == source["after_rows"][name].keys()
+        for key, row in source["after_rows"][name].items():
+            np.testing.assert_allclose(got["after_rows"][name][key], row, atol=1e-5)
 
 
 @pytest.mark.slow
