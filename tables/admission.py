@@ -101,7 +101,7 @@ class BucketedCountMinSketch(CountMinSketch):
     sketch whatever the number of ranks: concatenating the ranks' counters in rank order
     and slicing them by the new ranges moves it to another world size, every estimate kept.
     The segment comes from the ownership hash, the cell inside it from the sketch's own, so
-    the two are independent.
+    the two are independent. It counts only IDs of its own buckets (its owner's).
     """
 
     def __init__(

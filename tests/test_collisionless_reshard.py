@@ -18,7 +18,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipelines.checkpoint import load_model_weights, save_checkpoint
+from tables.admission import BucketedCountMinSketch, BucketSpan
 from tables.collisionless import CollisionlessTransform
+from tables.ownership import bucket_of, bucket_range, owner_of
 from tables.pooled import PooledEmbeddings, TableSpec
 
 DIM = 4
@@ -26,10 +28,19 @@ BUCKETS = 8
 I64 = np.iinfo(np.int64)
 
 
-def _table(shards: int, capacity: int) -> PooledEmbeddings:
+def _table(shards: int, capacity: int, filter_width: int | None = None) -> PooledEmbeddings:
     spec = TableSpec("t", ("f",), "collisionless", capacity * shards, DIM, "sum", "row_wise")
     transform = CollisionlessTransform(
-        "t", ("f",), capacity, shards, DIM, min_count=2, ttl=20, evict_every=10, buckets=BUCKETS
+        "t",
+        ("f",),
+        capacity,
+        shards,
+        DIM,
+        min_count=2,
+        ttl=20,
+        evict_every=10,
+        buckets=BUCKETS,
+        filter_width=filter_width,
     )
     return PooledEmbeddings([spec], {"t": transform})
 
@@ -123,3 +134,29 @@ def test_restore_onto_too_few_rows_names_table_rank_and_rows(tmp_path: Path) -> 
         ValueError, match=rf"table 't'.* onto 1, rank 0 needs {live} rows .* capacity is 8"
     ):
         load_model_weights(tmp_path, _table(1, 8))
+
+
+def test_restore_keeps_the_checkpoints_filter_layout(tmp_path: Path) -> None:
+    """A config whose filter would have more cells per bucket still reads the saved ones."""
+    original = _trained(2, 48, tmp_path)
+    restored = _table(1, 96, filter_width=1024)
+    assert restored.transforms["t"].bucket_width > original.transforms["t"].bucket_width
+    load_model_weights(tmp_path, restored)
+    probe = torch.arange(-5, 60)
+    assert torch.equal(_estimates(restored, probe), _estimates(original, probe))
+
+
+def test_rank_sketches_are_slices_of_one_global_sketch() -> None:
+    """Per-bucket cells: three ranks' sketches, each fed its own IDs, concatenated in rank
+    order are the one-rank sketch of the whole stream (so any world size re-slices it)."""
+    ids = torch.randint(-(2**62), 2**62, (5000,), generator=torch.Generator().manual_seed(1))
+    ids = torch.cat([ids, ids[:2000]])
+    whole = BucketedCountMinSketch(16, BucketSpan(0, 12, 12))
+    whole.add(ids)
+    owner = owner_of(bucket_of(ids, 12), 12, 3)
+    parts = []
+    for rank in range(3):
+        part = BucketedCountMinSketch(16, BucketSpan(*bucket_range(rank, 12, 3), 12))
+        part.add(ids[owner == rank])
+        parts.append(part.counters)
+    assert torch.equal(torch.cat(parts, 1), whole.counters)
