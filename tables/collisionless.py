@@ -593,12 +593,14 @@ def load_id_maps(model: nn.Module, directory: Path) -> dict[str, RowMoves]:
     moves = {}
     for transform in collisionless_transforms(model):
         files = _shard_files(directory, transform.name)
-        first, _ = _read(files[0])
-        same = (len(files), first.get("capacity")) == (transform.num_shards, transform.capacity)
-        if same:
-            transform.load_shards({s: _read(files[s]) for s in transform.shards})
+        first = _read(files[0])
+        layout = (len(files), first[0].get("capacity"))
+        if layout == (transform.num_shards, transform.capacity):
+            held = {s: first if s == 0 else _read(files[s]) for s in transform.shards}
+            transform.load_shards(held)
         else:
-            moves[transform.name] = transform.reshard(_read(f) for f in files)
+            saved = (first if s == 0 else _read(f) for s, f in enumerate(files))
+            moves[transform.name] = transform.reshard(saved)
     return moves
 
 
