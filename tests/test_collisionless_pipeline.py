@@ -1,5 +1,6 @@
 """Collisionless tables end to end on a real embedded Ray: train on 2 workers with the
-table report in the log, then export only live rows and serve what the model scores."""
+table report in the log, then export only live rows and serve what the model scores; last,
+resume the run on 1 worker."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import ray
 import torch
 
-from pipelines.build import load_trained
+from pipelines.build import build_model, latest_checkpoint, load_trained, load_vocabularies
+from pipelines.checkpoint import load_model_weights
 from pipelines.export import export
 from pipelines.train import train
 from recsys.batch import BatchConverter
@@ -26,7 +28,7 @@ HELD_OUT_DAY = "day=2026-01-03"
 CAPACITY = 512
 
 
-def _config(repo: Path, tmp: Path) -> ExperimentConfig:
+def _config(repo: Path, tmp: Path, *extra: str) -> ExperimentConfig:
     return load_config(
         repo / "conf" / "demo.yaml",
         [
@@ -43,6 +45,7 @@ def _config(repo: Path, tmp: Path) -> ExperimentConfig:
             "train.batch_size=1024",
             "train.log_every=5",
             "train.checkpoint_every=10",
+            *extra,
         ],
     )
 
@@ -98,3 +101,32 @@ def test_export_serves_exactly_what_the_trained_model_scores(trained) -> None:
         ids = pq.read_table(out / entry["files"][0]).column("id").to_numpy()
         np.testing.assert_array_equal(ids, live[entry["name"]])  # live rows only, sorted
         assert len(ids) <= 2 * CAPACITY
+
+
+@pytest.mark.slow  # one more Ray run, on 1 worker: ~1 min; it continues the module's run
+def test_resumes_on_one_worker(trained, repo: Path) -> None:
+    """The 2-worker checkpoint (ranks' files merged by Ray) read as 1 worker holds every
+    live ID's row; `recsys train` with `train.workers=1` then resumes from it."""
+    _, tmp, first = trained
+    one = _config(
+        repo, tmp, "train.workers=1", f"tables.0.capacity={2 * CAPACITY}", "train.epochs=2"
+    )
+    _, saved, _ = load_trained(first["run_dir"])
+    model = build_model(one, load_vocabularies(Path(first["run_dir"])))
+    load_model_weights(latest_checkpoint(Path(first["run_dir"])), model)
+    pairs = zip(collisionless_transforms(saved), collisionless_transforms(model), strict=True)
+    for two_workers, one_worker in pairs:
+        ids, rows = two_workers.live_rows()
+        same_ids, same_rows = one_worker.live_rows()
+        assert torch.equal(same_ids, ids) and len(ids) > 0
+        assert torch.equal(
+            model.sparse.ebc.embedding_bags[one_worker.name].weight[same_rows],
+            saved.sparse.ebc.embedding_bags[two_workers.name].weight[rows],
+        )
+        assert one_worker.steps == two_workers.steps == first["metrics"]["step"]
+    again = train(one)
+    assert again["metrics"]["epoch"] == 2 and again["metrics"]["step"] > first["metrics"]["step"]
+    _, resumed, _ = load_trained(again["run_dir"])
+    tables = list(collisionless_transforms(resumed.sparse))
+    assert tables and all(t.num_shards == 1 for t in tables)
+    assert all(t.steps == again["metrics"]["step"] for t in tables)  # the clock went on
