@@ -570,7 +570,8 @@ def save_id_maps(model: nn.Module, directory: Path) -> None:
 def _shard_files(directory: Path, table: str) -> list[Path]:
     """The checkpoint's files of `table`, one per saved shard, in shard order."""
     files = sorted((directory / ID_MAP_DIR).glob(f"{table}.*.pt"))
-    number = {int(p.name[len(table) + 1 : -3]): p for p in files}
+    shard_of = {p: p.name[len(table) + 1 : -3] for p in files}
+    number = {int(n): p for p, n in shard_of.items() if n.isdigit()}  # not table "a.b"'s
     if not number or sorted(number) != list(range(len(number))):
         raise FileNotFoundError(
             f"{directory / ID_MAP_DIR}: table {table!r} needs files {table}.0.pt .. "
