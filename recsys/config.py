@@ -166,9 +166,9 @@ class TableConfig(_Strict):
     # collisionless: when no row is free, evict the least recently / least often seen rows.
     policy: Literal["evict_lru", "evict_lfu"] = "evict_lru"
     # collisionless: count-min filter cells per row of its 4 and worker (power of two; default:
-    # the smallest power of two >= 2 * capacity), spread over the worker's buckets (at least
-    # 8 per bucket) so that a checkpoint restores onto any number of workers; only used when
-    # min_count > 1.
+    # the smallest power of two >= 2 * capacity), spread over the worker's buckets (a power
+    # of two per bucket) so that a checkpoint restores onto any number of workers; only used
+    # when min_count > 1.
     filter_width: PositiveInt | None = None
     # collisionless: hash buckets that own IDs; each worker owns a contiguous range of them.
     buckets: PositiveInt = 4096

@@ -52,13 +52,17 @@ class CountMinSketch(nn.Module):
         """Which `width` cells of each row an ID hashes into (one segment here)."""
         return 0
 
+    def _columns(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Cell within the segment per (row, hash): double hashing."""
+        low, high = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1
+        return (low + rows * high) & (self.width - 1)
+
     def _cells(self, ids: torch.Tensor) -> torch.Tensor:
         """Flat cell index per (row, ID): `depth x n`."""
         flat = ids.reshape(-1)
-        h = hash64(flat, self.seed)
-        low, high = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1
         rows = torch.arange(self.depth).unsqueeze(1)
-        columns = ((low + rows * high) & (self.width - 1)) + self._segment(flat) * self.width
+        columns = self._columns(hash64(flat, self.seed), rows)
+        columns = columns + self._segment(flat) * self.width
         return columns + rows * self.counters.shape[1]
 
     def add(self, ids: torch.Tensor) -> torch.Tensor:
@@ -101,7 +105,9 @@ class BucketedCountMinSketch(CountMinSketch):
     sketch whatever the number of ranks: concatenating the ranks' counters in rank order
     and slicing them by the new ranges moves it to another world size, every estimate kept.
     The segment comes from the ownership hash, the cell inside it from the sketch's own, so
-    the two are independent. It counts only IDs of its own buckets (its owner's).
+    the two are independent. Segments are narrow (a few cells when IDs are few per bucket),
+    where double hashing would give every row the same cells: each row takes its own bits of
+    the hash instead, while they last. It counts only IDs of its own buckets.
     """
 
     def __init__(
@@ -112,6 +118,14 @@ class BucketedCountMinSketch(CountMinSketch):
 
     def _segment(self, ids: torch.Tensor) -> torch.Tensor:
         return bucket_of(ids, self.span.total) - self.span.first
+
+    def _columns(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        bits = self.width.bit_length() - 1
+        if bits * self.depth > 64:
+            return super()._columns(h, rows)
+        # Bits [r * bits, (r + 1) * bits) for row r; all below bit 64, so the arithmetic
+        # shift's sign fill is masked off.
+        return (h >> (rows * bits)) & (self.width - 1)
 
 
 class FrequencyFilter(nn.Module):

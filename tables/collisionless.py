@@ -53,7 +53,6 @@ from tables.ownership import bucket_of, bucket_range, hash64, owner_of
 
 INIT_SEED = 0x1717
 FILTER_DEPTH = 4
-MIN_BUCKET_WIDTH = 8  # filter cells per bucket and row: fewer would share cells in every row
 ID_MAP_DIR = "id_maps"
 STATE_FORMAT = 2  # of the per-shard files: 2 = filter counted per bucket, counters kept
 _I64_MIN = torch.iinfo(torch.int64).min
@@ -114,8 +113,8 @@ class CollisionlessTransform(nn.Module):
             each time the newest event time enters a new `evict_every` interval.
         policy: when a shard is full (`IdMap` policies evict_lru / evict_lfu).
         filter_width: count-min cells per row and shard (power of two); the filter keeps
-            `filter_width * num_shards / buckets` cells per bucket (a power of two, at
-            least `MIN_BUCKET_WIDTH`), so its layout does not depend on the world size.
+            `filter_width * num_shards / buckets` cells per bucket and row (rounded up to a
+            power of two), so its layout does not depend on the world size.
         buckets: ownership buckets, fixed for the life of the data.
     """
 
@@ -143,7 +142,7 @@ class CollisionlessTransform(nn.Module):
         self.policy, self.buckets = policy, buckets
         self.filter_width = filter_width or 1 << max(4, math.ceil(math.log2(2 * capacity)))
         per_bucket = self.filter_width * num_shards / buckets
-        self.bucket_width = max(MIN_BUCKET_WIDTH, 1 << max(0, math.ceil(math.log2(per_bucket))))
+        self.bucket_width = 1 << max(0, math.ceil(math.log2(per_bucket)))
         self.init_bound = math.sqrt(1.0 / (capacity * num_shards))  # torchrec's EBC default
         self.default = nn.Parameter(torch.zeros(dim))
         # Plain attributes, not submodules: per-rank state (see the module docstring).
