@@ -520,7 +520,7 @@ def test_two_rank_checkpoint_resumes_bitwise(runs: dict[int, dict[str, Any]]) ->
     assert runs[2]["resumed"]
 
 
-@pytest.mark.slow  # two more spawned torchrec jobs: ~1.5 min on 2 busy cores
+@pytest.mark.slow  # two more spawned torchrec jobs: ~30 s, more on busy cores
 @pytest.mark.parametrize("move", [(2, 1), (1, 2)])
 def test_restore_onto_another_worker_count_continues_exactly(
     move: tuple[int, int],
