@@ -40,6 +40,7 @@ from pipelines.build import (
     table_sharding,
 )
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.resume import DataPosition, position, resume_position
 from pipelines.split import validation_cutoff
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, ExperimentConfig
@@ -233,14 +234,14 @@ def _device(cfg: ExperimentConfig) -> torch.device:
 
 
 def _arrow_batches(shard: Any, cfg: ExperimentConfig) -> Any:
-    """The worker's share of the stream as validated Arrow tables."""
+    """The worker's share of the stream as (rows read, validated Arrow table) pairs."""
     for table in shard.iter_batches(
         batch_size=cfg.train.batch_size, batch_format="pyarrow", prefetch_batches=2
     ):
         clean, _ = validate_table(
             table, cfg.features, "Ray Data stream", on_bad_rows=cfg.data.on_bad_rows
         )
-        yield clean
+        yield table.num_rows, clean
 
 
 def _gather_predictions(
@@ -251,7 +252,7 @@ def _gather_predictions(
     probs, labels, groups = [], [], []
     model.eval()
     with torch.no_grad():
-        for table in _arrow_batches(shard, cfg):
+        for _, table in _arrow_batches(shard, cfg):
             batch = convert(table).to(device)
             probs.append(torch.sigmoid(model(batch)).float().cpu().numpy())
             labels.append(batch.labels.cpu().numpy())
@@ -357,26 +358,34 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         dmp, t.sparse_optimizer, t.sparse_lr, _dense_optimizer(cfg), _own_optimizers(cfg)
     )
 
-    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    meter = _Progress(run_dir, world)
+    progress = position(0, 0, 0, 0, world, t.batch_size)
+    start = DataPosition(0)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             progress = load_checkpoint(Path(directory), dmp, optimizer)
+        start = resume_position(progress, world, t.batch_size)
         if rank == 0:
             print(f"resumed from {checkpoint.path} at step {progress['step']}", flush=True)
+            if start.note:
+                print(f"data position: {start.note}", flush=True)
+                meter.write({"resumed_step": progress["step"], "data_position": start.note})
 
     loss_fn = torch.nn.BCEWithLogitsLoss()
     convert = BatchConverter(cfg.features)
-    meter = _Progress(run_dir, world)
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid") if loop_config["has_valid"] else None
     last_metrics: dict[str, Any] = {}
     # A due checkpoint is written just before the next step, so that the end of training
     # (which always checkpoints) never writes the same step twice.
     checkpoint_due = False
-    for epoch in range(progress["epoch"], cfg.train.epochs):
-        skip = progress["batches_in_epoch"] if epoch == progress["epoch"] else 0
-        for i, table in enumerate(_arrow_batches(train_shard, cfg)):
+    resume_epoch = progress["epoch"]
+    for epoch in range(resume_epoch, cfg.train.epochs):
+        skip = start.batches if epoch == resume_epoch else 0
+        pulled = 0  # rows this worker read in the epoch, skipped ones included
+        for i, (rows, table) in enumerate(_arrow_batches(train_shard, cfg)):
+            pulled += rows
             if i < skip:
                 continue  # consumed before the checkpoint this run resumed from
             if checkpoint_due:
@@ -390,7 +399,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad()
             objective.backward()
             optimizer.step()
-            progress = {"step": progress["step"] + 1, "epoch": epoch, "batches_in_epoch": i + 1}
+            progress = position(progress["step"] + 1, epoch, i + 1, pulled, world, t.batch_size)
             meter.add(logits, batch.labels, float(loss))
             step = progress["step"]
             if step % cfg.train.log_every == 0:
@@ -403,10 +412,11 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
                     meter.write({**last_metrics, **({"tables": tables} if tables else {})})
             checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
             if cfg.train.max_steps and step >= cfg.train.max_steps:
-                break
-        progress = {"step": progress["step"], "epoch": epoch + 1, "batches_in_epoch": 0}
-        if cfg.train.max_steps and progress["step"] >= cfg.train.max_steps:
-            break
+                break  # mid-epoch: the position stays, so a longer run continues the epoch
+        else:
+            progress = position(progress["step"], epoch + 1, 0, 0, world, t.batch_size)
+            continue
+        break
 
     final = {**meter.snapshot(progress["step"], progress["epoch"])} if meter.labels else {}
     if valid_shard is not None:

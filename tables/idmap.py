@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from tables import hugepages
 from tables.ownership import hash64
 
 Policy = Literal["evict_lru", "evict_lfu", "grow", "fallback"]
@@ -135,13 +136,14 @@ class IdMap(nn.Module):
         self.evict_chunk = evict_chunk
         self.fallback_rows = fallback_rows
         num_keys = self._key_slots_for(capacity)
-        self.register_buffer("keys", torch.zeros(num_keys, dtype=torch.int64))
-        self.register_buffer("vals", torch.full((num_keys,), EMPTY, dtype=torch.int32))
-        self.register_buffer("row_ids", torch.zeros(capacity, dtype=torch.int64))
-        self.register_buffer("row_pos", torch.zeros(capacity, dtype=torch.int64))
-        self.register_buffer("last_seen", torch.zeros(capacity, dtype=torch.int64))
-        self.register_buffer("counts", torch.zeros(capacity, dtype=torch.int64))
-        self.register_buffer("live", torch.zeros(capacity, dtype=torch.bool))
+        # The arrays read at random per ID sit on huge pages where the OS allows it.
+        self.register_buffer("keys", hugepages.full(num_keys, 0, torch.int64))
+        self.register_buffer("vals", hugepages.full(num_keys, EMPTY, torch.int32))
+        self.register_buffer("row_ids", hugepages.full(capacity, 0, torch.int64))
+        self.register_buffer("row_pos", hugepages.full(capacity, 0, torch.int64))
+        self.register_buffer("last_seen", hugepages.full(capacity, 0, torch.int64))
+        self.register_buffer("counts", hugepages.full(capacity, 0, torch.int64))
+        self.register_buffer("live", hugepages.full(capacity, False, torch.bool))
         self.register_buffer("free", torch.arange(capacity - 1, -1, -1, dtype=torch.int32))
         self.register_buffer("num_free", torch.tensor(capacity))
         self.register_buffer("seed", torch.tensor(MAP_SEED))
@@ -184,6 +186,12 @@ class IdMap(nn.Module):
         odd step makes the choices distinct in a power-of-two array)."""
         return (h + j * ((h >> 32) | 1)) & (self.keys.numel() - 1)
 
+    def _choices(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Every `_choice` of IDs with hashes h, the step computed once."""
+        mask = self.keys.numel() - 1
+        step = (h >> 32) | 1
+        return [h & mask] + [(h + j * step) & mask for j in range(1, CHOICES)]
+
     def _probe(self, ids: torch.Tensor) -> torch.Tensor:
         """Row slot per ID, -1 if absent: each round checks the next choice of the IDs not
         found yet, and almost all are found at their first."""
@@ -218,8 +226,7 @@ class IdMap(nn.Module):
         ever share one; a displaced occupant becomes pending, kicking at its next choice.
         Pending state is one (id, row, choices..., kick) x n tensor: fewer ops per round.
         """
-        h = self._hashes(ids)
-        choices = [self._choice(h, j) for j in range(CHOICES)]
+        choices = self._choices(self._hashes(ids))
         pending = torch.stack([ids, slots.to(torch.int64), *choices, choices[0]])
         for _ in range(MAX_KICK_ROUNDS):
             if not pending.shape[1]:
@@ -238,16 +245,16 @@ class IdMap(nn.Module):
             self.vals.index_copy_(0, at, rows.to(torch.int32))
             self.row_pos.index_copy_(0, rows, at)
             out = winners[held_row.index_select(0, winners) >= 0]
-            pending = torch.cat(
-                [pending[:, ~won], self._displaced(held_key[out], held_row[out], target[out])], 1
-            )
+            pending = pending[:, ~won]
+            if out.numel():
+                displaced = self._displaced(held_key[out], held_row[out], target[out])
+                pending = torch.cat([pending, displaced], 1)
         return not pending.shape[1]
 
     def _displaced(self, ids: torch.Tensor, rows: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Pending state of occupants pushed out of hash slots `at`: they kick at the choice
         after the one they held, so a chain does not bounce between two slots."""
-        h = self._hashes(ids)
-        choices = [self._choice(h, j) for j in range(CHOICES)]
+        choices = self._choices(self._hashes(ids))
         kick = choices[0]
         for j in reversed(range(CHOICES)):
             kick = torch.where(at == choices[j], choices[(j + 1) % CHOICES], kick)
@@ -263,8 +270,8 @@ class IdMap(nn.Module):
         for attempt in itertools.count():
             self.seed += int(reseed)
             size = num_keys << (attempt // REBUILDS_PER_SIZE)
-            self.keys = torch.zeros(size, dtype=torch.int64)
-            self.vals = torch.full((size,), EMPTY, dtype=torch.int32)
+            self.keys = hugepages.full(size, 0, torch.int64)
+            self.vals = hugepages.full(size, EMPTY, torch.int32)
             if self._cuckoo(ids, rows):
                 return
             reseed = True
@@ -484,7 +491,9 @@ class IdMap(nn.Module):
         extra = capacity - old
 
         def extend(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, torch.zeros(extra, dtype=t.dtype)])
+            out = hugepages.full(capacity, 0, t.dtype)
+            out[:old] = t
+            return out
 
         self.row_ids, self.row_pos = extend(self.row_ids), extend(self.row_pos)
         self.last_seen, self.counts = extend(self.last_seen), extend(self.counts)
@@ -503,7 +512,9 @@ class IdMap(nn.Module):
         for name, buf in self._buffers.items():
             incoming = state_dict.get(prefix + name)
             if buf is not None and incoming is not None and incoming.shape != buf.shape:
-                self._buffers[name] = torch.empty_like(incoming)
+                self._buffers[name] = hugepages.full(incoming.numel(), 0, incoming.dtype).view(
+                    incoming.shape
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
