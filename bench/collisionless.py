@@ -38,6 +38,7 @@ from torch import nn
 from torchrec.modules.mc_modules import LRU_EvictionPolicy, MCHManagedCollisionModule
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from tables import hugepages
 from tables.idmap import IdMap, MapStats
 from tables.ownership import hash64
 
@@ -118,8 +119,14 @@ def mch_map(capacity: int, prefill: torch.Tensor) -> Run:
 
 
 def embedding_bag(rows: int, batch: int) -> Run:
-    """A plain `nn.EmbeddingBag` forward, one ID per bag: the cost of touching one row."""
+    """A plain `nn.EmbeddingBag` forward, one ID per bag: the cost of touching one row.
+
+    Its weight sits on huge pages like the ID map's arrays, so that neither side gains
+    from fewer TLB misses alone."""
     bag = nn.EmbeddingBag(rows, DIM, mode="sum")
+    with torch.no_grad():
+        bag.weight.data = hugepages.full(rows * DIM, 0, torch.float32).view(rows, DIM)
+        bag.weight.normal_()
     offsets = torch.arange(batch)
 
     def run(ids: torch.Tensor, _: int) -> torch.Tensor:
