@@ -297,6 +297,12 @@ class OptEmbedPooling(nn.Module):
         retrain mode's fixed row mask."""
         fields = torch.tensor([self.fields[self._position[f]] for f in group])
         fields = fields.to(dims.device)
+        if kept is None and self.norm == 1:
+            from tables import optembed_fused  # it builds on this module
+
+            chosen = dims[:, fields]
+            if optembed_fused.usable(x, chosen):
+                return optembed_fused.masked_block(x, self.thresholds.threshold[fields], chosen)
         width = x.size(-1)
         table = self.get_buffer(f"prefix_{width}")
         columns = table.index_select(0, (dims[:, fields] - 1).flatten())
