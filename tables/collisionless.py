@@ -410,7 +410,7 @@ def table_report(sparse: nn.Module, group: dist.ProcessGroup | None = None) -> d
     report: dict[str, Any] = {}
     for transform in collisionless_transforms(sparse):
         counters = transform.take_counters()
-        weight, states, _ = table_storage(sparse.ebc, transform.name)  # type: ignore[arg-type]
+        weight, states, _ = table_storage(_collection(sparse, transform.name), transform.name)
         values = {
             **asdict(counters.map),
             "expired": counters.expired,
@@ -426,6 +426,13 @@ def table_report(sparse: nn.Module, group: dist.ProcessGroup | None = None) -> d
         values["load_factor"] = values["live_rows"] / transform.num_rows
         report[transform.name] = values
     return report
+
+
+def _collection(sparse: nn.Module, table: str) -> nn.Module:
+    """The torchrec collection holding `table`: `sparse.ebc`, or `sparse.collection_of`
+    where a layer has several (optembed's)."""
+    of = getattr(sparse, "collection_of", None)
+    return of(table) if of is not None else sparse.ebc  # type: ignore[return-value]
 
 
 def format_report(report: dict[str, Any]) -> str:
