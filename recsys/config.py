@@ -133,7 +133,8 @@ class TableConfig(_Strict):
     `<table>@q` and `<table>@r`, of `num_embeddings` rows together, concatenated to 2 * dim).
     `decoupled` (DARE, sequence models' item features only): two tables per name,
     `<table>@att` of `attention_dim` columns for attention scores and `<table>@rep` of
-    `embedding_dim` for representations, each a `storage` table (`full` or `hash`).
+    `embedding_dim` for representations, each a `storage` table (`full`, `hash` or
+    `collisionless`, whose one ID map serves both tables).
     `optembed` (learned row pruning and searched per-feature dims; see `OptEmbedConfig`)
     keeps its rows as a `storage` table, `full` or `hash`, which it reads as that variant does.
     `collisionless` (Monolith: every admitted raw ID owns a row through a dynamic ID map;
@@ -175,8 +176,9 @@ class TableConfig(_Strict):
     # decoupled: width of the attention table (default embedding_dim).
     attention_dim: PositiveInt | None = None
     # decoupled, optembed: how the rows are stored and found, a vocabulary (`full`) or the
-    # hashing trick (`hash`, needs num_embeddings); decoupled defaults to `full`. optembed
-    # may also keep them `collisionless` (the keys above apply; its masks prune admitted rows).
+    # hashing trick (`hash`, needs num_embeddings); decoupled defaults to `full`. Both may
+    # also keep them `collisionless` (the keys above apply; optembed's masks prune admitted
+    # rows; a decoupled feature's two tables share one ID map).
     storage: Literal["full", "hash", "collisionless"] | None = None
 
     @model_validator(mode="after")
@@ -192,9 +194,10 @@ class TableConfig(_Strict):
             )
         if self.variant == "optembed" and self.storage is None:
             raise ValueError("variant 'optembed' needs storage: full, hash or collisionless")
-        if self.storage == "collisionless" and self.variant != "optembed":
+        if self.storage == "collisionless" and self.variant not in _STORED:
             raise ValueError(
-                f"storage 'collisionless' is only for variant 'optembed', not {self.variant!r}"
+                f"storage 'collisionless' is only for variants {list(_STORED)}, "
+                f"not {self.variant!r}"
             )
         if self.storage is not None and self.variant not in _STORED:
             raise ValueError(f"storage is only for variants {list(_STORED)}, not {self.variant!r}")
@@ -236,6 +239,8 @@ class TableConfig(_Strict):
                     )
             return
         kind = "variant 'collisionless'"
+        if self.variant == "decoupled":
+            kind = "variant 'decoupled' with storage 'collisionless'"
         if self.variant == "optembed":
             kind = "variant 'optembed' with storage 'collisionless'"
             if self.pooling != "sum":

@@ -317,12 +317,12 @@ def test_bad_collisionless_storage_config_names_the_key(
     assert message in str(err.value)
 
 
-def test_collisionless_storage_only_under_optembed(tmp_path: Path) -> None:
+def test_collisionless_storage_only_under_layered_variants(tmp_path: Path) -> None:
     doc = {
         **MINIMAL,
-        "tables": [{"features": ["a", "b"], "variant": "decoupled", "storage": "collisionless"}],
+        "tables": [{"features": ["a", "b"], "variant": "hash", "storage": "collisionless"}],
     }
-    with pytest.raises(ConfigError, match="storage 'collisionless' is only for variant 'optembed'"):
+    with pytest.raises(ConfigError, match="storage 'collisionless' is only for variants"):
         load_config(_write(tmp_path, doc))
 
 
