@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 
 from models.sequence_ranking import SequenceRankingModel
-from pipelines.build import build_model, load_trained, save_vocabularies
+from pipelines.build import build_model, load_trained, save_vocabularies, table_sharding
 from pipelines.checkpoint import save_checkpoint
 from pipelines.export import export
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
 from recsys.serving import ServingModel
-from tables.collisionless import table_report
+from tables.collisionless import (
+    bind_ownership,
+    collisionless_transforms,
+    table_report,
+    table_storage,
+)
 from tables.sequence_collisionless import SharedRowsTransform
-from tests.test_sequence_tables import POSITIONS, seq_doc
+from tables.sharding import combined_optimizer, shard_model
+from tests.helpers import free_port
+from tests.test_sequence_tables import POSITIONS, _copy_full_state, seq_doc
 
 ITEM_POOL = 10**12 + np.arange(40, dtype=np.int64) * 7919  # raw IDs far from any row number
 CAPACITY = 64
@@ -211,3 +221,89 @@ def test_positions_keep_their_own_sharding() -> None:
     assert specs["item@att"].sharding == specs["category@rep"].sharding == "row_wise"
     assert specs["item@time@att"].num_rows == POSITIONS
     assert specs["item@att"].num_rows == CAPACITY  # train.workers = 1
+
+
+# ------------------------------------------------------------------------------ 2 ranks
+
+WORLD = 2
+
+
+def _rows_by_id(model: torch.nn.Module, name: str) -> dict[str, dict[int, list[float]]]:
+    """Per role table of feature `name`: raw ID -> its row, for the rows held here."""
+    sequence = model.sequence  # type: ignore[attr-defined]
+    transform = sequence.transforms[name]
+    ids, rows = transform.live_rows()
+    out = {}
+    for table in transform.storage_tables:
+        weight, _, first = table_storage(sequence.collection_of(table), table)
+        out[table] = dict(zip(ids.tolist(), weight[rows - first].tolist(), strict=True))
+    return out
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    """Rank `rank` of a DMP-sharded DARE over collisionless tables, against an unsharded
+    model holding every shard, trained on the whole batch in the same process."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=120),
+    )
+    cfg = config_from_dict(cl_doc() | {"train": {"workers": WORLD}})
+    reference = build(cfg).eval()  # eval: BatchNorm uses running stats on both sides
+    model = build_model(cfg, {}, table_device=torch.device("meta"))
+    bind_ownership(model, rank, dist.new_group(backend="gloo"))
+    model = shard_model(
+        model, table_sharding(reference), "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
+    )
+    _copy_full_state(model, reference.state_dict())
+    model.eval()
+    for m in (*collisionless_transforms(model), *collisionless_transforms(reference)):
+        m.train()  # admission on
+    optimizer = combined_optimizer(model, "sgd", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    convert = BatchConverter(cfg.features)
+    errors = []
+    for step in range(3):
+        table = log(16, seed=20 + step)
+        full, local = convert(table), convert(table.slice(8 * rank, 8))
+        logits, expected = model(local), reference(full)
+        if not torch.allclose(logits, expected[8 * rank : 8 * rank + 8], atol=1e-5):
+            errors.append(f"rank {rank} step {step}: logits differ")
+        optimizer.zero_grad()
+        logits.sum().backward()
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        (expected.sum() / WORLD).backward()
+        reference_optimizer.step()
+    report = table_report(model.module.sequence, dist.group.WORLD)
+    expected_report = table_report(reference.sequence)
+    for name in ("item", "category"):
+        for key in ("lookups", "admitted", "filtered", "live_rows", "row_bytes"):
+            if report[name][key] != expected_report[name][key]:
+                errors.append(f"{name} {key}: {report[name][key]} != {expected_report[name][key]}")
+    held: list[Any] = [None] * WORLD
+    dist.all_gather_object(held, {n: _rows_by_id(model.module, n) for n in ("item", "category")})
+    everyone: list[Any] = [None] * WORLD
+    dist.all_gather_object(everyone, errors)
+    if rank == 0:
+        for name in ("item", "category"):
+            for table, rows in _rows_by_id(reference, name).items():
+                sharded = {**held[0][name][table], **held[1][name][table]}
+                if sharded.keys() != rows.keys():
+                    everyone[0].append(f"{table}: other live IDs")
+                elif not all(np.allclose(sharded[i], r, atol=1e-5) for i, r in rows.items()):
+                    everyone[0].append(f"{table}: rows differ")
+        Path(out).write_text(json.dumps([e for part in everyone for e in part]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned ranks with torchrec imports: about a minute on 2 cores
+def test_two_ranks_equal_one_unsharded_model(tmp_path: Path) -> None:
+    out = tmp_path / "errors.json"
+    mp.start_processes(
+        _two_rank_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn"
+    )
+    assert json.loads(out.read_text()) == []
