@@ -30,9 +30,11 @@ from recsys.serving import ServingModel
 from tables.collisionless import (
     bind_ownership,
     collisionless_transforms,
+    initial_rows,
     table_report,
     table_storage,
 )
+from tables.ownership import hash64
 from tables.sequence_collisionless import SharedRowsTransform
 from tables.sharding import combined_optimizer, shard_model
 from tests.helpers import free_port
@@ -306,4 +308,60 @@ def test_two_ranks_equal_one_unsharded_model(tmp_path: Path) -> None:
     mp.start_processes(
         _two_rank_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn"
     )
+    assert json.loads(out.read_text()) == []
+
+
+def _reuse_worker(rank: int, port: int, out: str) -> None:
+    """One DMP rank with row-wise Adagrad: rows taken from evicted IDs start over in both
+    role tables (hashed initial weights, zero optimizer state) before their first lookup."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    doc = cl_doc(item_min_count=1)
+    doc["tables"][0]["capacity"] = 32
+    cfg = config_from_dict(doc)
+    model = build_model(cfg, {}, table_device=torch.device("meta"))
+    bind_ownership(model, 0, dist.new_group(backend="gloo"))
+    dmp = shard_model(
+        model, table_sharding(model), "rowwise_adagrad", 0.1, dist.group.WORLD, torch.device("cpu")
+    )
+    optimizer = combined_optimizer(
+        dmp, "rowwise_adagrad", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1)
+    )
+    convert = BatchConverter(cfg.features)
+    sequence, errors = dmp.module.sequence, []
+    transform = sequence.transforms["item"]
+    storage = {t: table_storage(sequence.collection_of(t), t) for t in transform.storage_tables}
+    first = convert(log(16, seed=1, pool=ITEM_POOL[:20]))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(first), first.labels)
+    loss.backward()
+    optimizer.step()
+    before = dict(zip(*(t.tolist() for t in transform.live_rows()), strict=True))
+    trained = {t: states[0].clone() for t, (_, states, _) in storage.items()}
+    dmp(convert(log(16, seed=2, pool=ITEM_POOL[20:])))
+    ids, rows = transform.live_rows()
+    reused = torch.tensor(
+        [
+            i not in before and r in before.values()
+            for i, r in zip(*(ids.tolist(), rows.tolist()), strict=True)
+        ]
+    )
+    if not reused.any():
+        errors.append("no row was reused")
+    for k, (table, (weight, states, _)) in enumerate(storage.items()):
+        at = rows[reused]
+        if not trained[table][at].abs().sum() > 0:
+            errors.append(f"{table}: the reused rows had no optimizer state to clear")
+        salted = ids[reused] if k == 0 else hash64(ids[reused], 0x5EC0 + k)
+        init = initial_rows(salted, weight.shape[1], transform.init_bound)
+        if not torch.equal(weight[at], init):
+            errors.append(f"{table}: reused rows not re-initialized")
+        if states[0][at].abs().sum() != 0:
+            errors.append(f"{table}: optimizer state of reused rows not zeroed")
+    Path(out).write_text(json.dumps(errors))
+    dist.destroy_process_group()
+
+
+def test_reused_rows_start_over_in_both_sharded_tables(tmp_path: Path) -> None:
+    out = tmp_path / "errors.json"
+    mp.start_processes(_reuse_worker, args=(free_port(), str(out)), nprocs=1, start_method="spawn")
     assert json.loads(out.read_text()) == []
