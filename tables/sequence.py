@@ -35,7 +35,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.config import ExperimentConfig, TableConfig
 from tables.collisionless import global_rows
-from tables.sequence_collisionless import SharedRowsTransform, fill_defaults
+from tables.sequence_collisionless import SharedRowsTransform, drop_rowless, fill_defaults
 from tables.transforms import ModuloHash, VocabularyLookup
 
 ATTENTION, REPRESENTATION, BOTH = "att", "rep", "both"
@@ -145,12 +145,13 @@ class SequenceEmbeddings(nn.Module):
             f"d{dim}": [key for s in group for key in s.keys] for dim, group in by_dim.items()
         }
         self._collection_of_table = {s.name: f"d{s.dim}" for s in specs}
-        # collisionless fields: lookup key -> the role table it reads (for its default)
+        # collisionless fields: lookup key -> (its ID map, the role table it reads)
         self.routed_keys = {
-            key: spec.name
-            for spec in specs
-            for key in spec.keys
-            if isinstance(transforms.get(spec.name.rsplit("@", 1)[0]), SharedRowsTransform)
+            self._key(f, role, target=target): (f.transform, _role_key(f.table, role))
+            for f in fields
+            if f.transform is not None and isinstance(transforms[f.transform], SharedRowsTransform)
+            for role in _roles(f.decoupled)
+            for target in (True, False)
         }
 
     def collection_of(self, table: str) -> nn.Module:
@@ -246,17 +247,9 @@ class SequenceEmbeddings(nn.Module):
         values, lengths, offsets = self.rows(sparse, sequences, event_times)
         kept = {key: values[key] >= 0 for key in self.routed_keys}
         for key, mask in kept.items():  # rowless IDs leave the lookup, read the default
-            bags = torch.repeat_interleave(
-                torch.arange(lengths[key].numel(), device=mask.device),
-                lengths[key].to(torch.int64),
-                output_size=mask.numel(),
-            )
-            dropped = torch.zeros_like(lengths[key]).index_add_(
-                0, bags, (~mask).to(lengths[key].dtype)
-            )
-            values[key], lengths[key] = values[key][mask], lengths[key] - dropped
-        for transform in {self.transforms[t.rsplit("@", 1)[0]] for t in self.routed_keys.values()}:
-            transform.reset_new_rows(self.collection_of)
+            values[key], lengths[key] = drop_rowless(values[key], lengths[key], mask)
+        for name in dict.fromkeys(name for name, _ in self.routed_keys.values()):
+            self.transforms[name].reset_new_rows(self.collection_of)
         looked_up: dict[str, JaggedTensor] = {}
         for name, collection in self.collections.items():
             keys = self.collection_keys[name]
@@ -267,8 +260,8 @@ class SequenceEmbeddings(nn.Module):
             )
             looked_up.update(collection(features))
         for key, mask in kept.items():
-            table = self.routed_keys[key]
-            default = self.transforms[table.rsplit("@", 1)[0]].defaults[table]
+            name, table = self.routed_keys[key]
+            default = self.transforms[name].defaults[table]
             found = fill_defaults(looked_up[key].values(), mask, default)
             looked_up[key] = JaggedTensor(values=found, lengths=lengths[key])
 

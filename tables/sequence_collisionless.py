@@ -81,6 +81,17 @@ class SharedRowsTransform(CollisionlessTransform):
         self._storages = {}
 
 
+def drop_rowless(rows: Tensor, lengths: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """A key's rows and bag lengths without the IDs that have no row (`kept` false)."""
+    bags = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=kept.device),
+        lengths.to(torch.int64),
+        output_size=kept.numel(),
+    )
+    dropped = torch.zeros_like(lengths).index_add_(0, bags, (~kept).to(lengths.dtype))
+    return rows[kept], lengths - dropped
+
+
 def fill_defaults(found: Tensor, kept: Tensor, default: Tensor) -> Tensor:
     """[N, d] vectors: the looked-up rows `found` [kept.sum(), d] where `kept` [N], the
     default elsewhere. The default is always in the graph (zero gradient when unread), so
