@@ -17,7 +17,8 @@ from recsys.batch import Batch
 
 
 class SequenceRankingModel(nn.Module):
-    """`sequence`: (sparse, sequences) KJTs -> `tables.sequence.SequenceLookup`; `pooled`:
+    """`sequence`: (sparse, sequences) KJTs and the samples' event times ->
+    `tables.sequence.SequenceLookup`; `pooled`:
     optional KJT of the other sparse features -> `KeyedTensor`; `model`: `SequenceInputs`
     -> logits [B]."""
 
@@ -38,7 +39,7 @@ class SequenceRankingModel(nn.Module):
     def inputs(self, batch: Batch) -> SequenceInputs:
         if batch.sequences is None:
             raise ValueError("a sequence model needs a batch with sequence features")
-        out = self.sequence(batch.sparse, batch.sequences)
+        out = self.sequence(batch.sparse, batch.sequences, batch.timestamps)
         other: list[Tensor] = [batch.dense] if self.num_dense else []
         if self.pooled is not None:
             columns = batch.sparse.to_dict()

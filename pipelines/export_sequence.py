@@ -1,7 +1,8 @@
 """`recsys export` for sequence models: their tables and a tensor-only model program.
 
 Every physical sequence table is written like a pooled one (`id` rows sorted, vocabulary
-IDs for full tables, row numbers for hashed and time-position ones) with the field and set
+IDs for full tables, the live admitted raw IDs and a default embedding for collisionless
+ones, row numbers for hashed and time-position ones) with the field and set
 (`att`, `rep` or `both`) it serves, so that a reader rebuilds the attention and
 representation vectors, item | category | time, from raw IDs. The model is exported over
 plain tensors (`FlatSequenceModel`) with a symbolic batch and history total; the
@@ -18,6 +19,7 @@ import torch
 from models.sequence_ranking import FlatSequenceModel, SequenceRankingModel
 from recsys.config import ExperimentConfig
 from tables.sequence import SequenceTableSpec
+from tables.sequence_collisionless import SharedRowsTransform
 from tables.transforms import VocabularyLookup
 
 DEFAULT_MAX_HISTORY = 100_000
@@ -47,7 +49,12 @@ def sequence_tables(model: SequenceRankingModel, write: Any, dtype: str) -> list
             "dtype": dtype,
         }
         transform = seq.transforms[field.transform] if field.transform else None
-        if isinstance(transform, VocabularyLookup):
+        if isinstance(transform, SharedRowsTransform):  # live rows; the rest read the default
+            ids, live = transform.live_rows()
+            ids, rows = ids.numpy(), weights[live.numpy()]
+            entry["lookup"] = "id"
+            entry["default_embedding"] = transform.defaults[spec.name].detach().tolist()
+        elif isinstance(transform, VocabularyLookup):
             ids, rows = transform.ids.numpy(), weights[1:]
             entry["lookup"] = "id"
             entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()

@@ -38,7 +38,7 @@ from recsys.contract import validate_table
 from recsys.logs import parquet_files
 from recsys.metrics import auc
 from tables.dimension_search import EvolutionarySearch, SearchConfig
-from tables.optembed import kept_rows, prefix_masks, sparsity
+from tables.optembed import prefix_masks, sparsity
 from tables.optembed_tables import OptEmbedEmbeddings
 
 SEARCH_DIR = "search"
@@ -241,11 +241,9 @@ def retrain_config(cfg: ExperimentConfig, dims: dict[str, int], supernet: Path) 
 
 
 def _keep_masks(sparse: OptEmbedEmbeddings) -> dict[str, np.ndarray]:
-    """Per feature, the rows of its table whose norm exceeds the feature's threshold."""
-    return {
-        f: kept_rows(sparse.feature_weight(f), sparse.threshold_of(f), sparse.pooling.norm).numpy()
-        for f in sparse.feature_names
-    }
+    """Per feature, the rows of its table whose norm exceeds the feature's threshold (for
+    a collisionless table, the live IDs of those rows)."""
+    return {f: sparse.keep_mask(f).numpy() for f in sparse.feature_names}
 
 
 def retrain(cfg: ExperimentConfig, address: str | None = None) -> dict[str, Any]:

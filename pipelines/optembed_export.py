@@ -4,7 +4,8 @@ Each feature gets its own table entry (its rows are pruned by its own mask and c
 own dim, even where features share a storage table): only the kept rows, only the first
 `dim` columns, and an ID map from kept IDs to them (the `id` column). Any other ID reads
 the entry's default embedding, which is what the retrained model reads for a pruned or
-unknown ID: the out-of-vocabulary row cut to `dim` when that row is kept, else zeros.
+unknown ID: the out-of-vocabulary row cut to `dim` when that row is kept, else zeros; for
+a collisionless table, the live admitted IDs the retrain kept, and its default embedding.
 `input_dim` is the width the dense model takes; the serving loader pads with zeros.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tables.collisionless import CollisionlessTransform
 from tables.optembed import Mode
 from tables.optembed_tables import OptEmbedEmbeddings
 from tables.transforms import VocabularyLookup
@@ -45,13 +47,20 @@ def compact_tables(
             dim = int(dims[sparse.feature_names.index(feature)])
             keep = sparse.pooling.keep[feature].cpu()
             default = torch.zeros(dim)
-            if isinstance(transform, VocabularyLookup):
+            if isinstance(transform, CollisionlessTransform):
+                # Live admitted IDs; a retrain admits kept ones only, the check is cheap.
+                ids, live = transform.live_rows()
+                kept = torch.isin(ids, sparse.kept_ids[feature])
+                ids, rows = ids[kept], weights[live[kept], :dim]
+                default = transform.default.detach()[:dim]
+                lookup: dict[str, Any] = {"lookup": "id"}
+            elif isinstance(transform, VocabularyLookup):
                 oov = VocabularyLookup.OOV_ROW
                 if keep[oov]:
                     default = weights[oov, :dim]
                 kept = keep[1:]
                 ids, rows = transform.ids[kept], weights[1:][kept, :dim]
-                lookup: dict[str, Any] = {"lookup": "id"}
+                lookup = {"lookup": "id"}
             else:
                 ids = torch.arange(spec.num_rows)[keep]
                 rows = weights[keep, :dim]

@@ -314,6 +314,13 @@ def _progress_bar(metrics: Path, enabled: bool) -> Iterator[None]:
 _BAR_FIELDS = ("loss", "running_auc", "examples_per_s")
 
 
+def _tables_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The embedding layer whose collisionless tables report stats: a CTR model's pooled
+    one, a sequence model's sequence tables."""
+    sparse = getattr(model, "sparse", None)
+    return sparse if sparse is not None else model.sequence  # type: ignore[return-value]
+
+
 def _report(metrics: dict[str, Any], model: Any, optimizer: Any, progress: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), model, optimizer, progress)
@@ -404,7 +411,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             step = progress["step"]
             if step % cfg.train.log_every == 0:
                 last_metrics = meter.snapshot(step, epoch)
-                tables = table_report(dmp.module.sparse, gloo) if collisionless else {}
+                tables = table_report(_tables_of(dmp.module), gloo) if collisionless else {}
                 if rank == 0:
                     print(" ".join(f"{k}={v:.4g}" for k, v in last_metrics.items()), flush=True)
                     if tables:
@@ -426,7 +433,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             final.update({f"valid_{k}": v for k, v in scores.items()})
     final["skipped_rows"] = loop_config["skipped_rows"]
     if collisionless:  # counters since the last log line; sizes as at the end
-        final["tables"] = table_report(dmp.module.sparse, gloo)
+        final["tables"] = table_report(_tables_of(dmp.module), gloo)
     if rank == 0:
         meter.write({"final": True, **final})
         print("final " + json.dumps(final, default=float), flush=True)

@@ -133,7 +133,8 @@ class TableConfig(_Strict):
     `<table>@q` and `<table>@r`, of `num_embeddings` rows together, concatenated to 2 * dim).
     `decoupled` (DARE, sequence models' item features only): two tables per name,
     `<table>@att` of `attention_dim` columns for attention scores and `<table>@rep` of
-    `embedding_dim` for representations, each a `storage` table (`full` or `hash`).
+    `embedding_dim` for representations, each a `storage` table (`full`, `hash` or
+    `collisionless`, whose one ID map serves both tables).
     `optembed` (learned row pruning and searched per-feature dims; see `OptEmbedConfig`)
     keeps its rows as a `storage` table, `full` or `hash`, which it reads as that variant does.
     `collisionless` (Monolith: every admitted raw ID owns a row through a dynamic ID map;
@@ -177,8 +178,10 @@ class TableConfig(_Strict):
     # decoupled: width of the attention table (default embedding_dim).
     attention_dim: PositiveInt | None = None
     # decoupled, optembed: how the rows are stored and found, a vocabulary (`full`) or the
-    # hashing trick (`hash`, needs num_embeddings); decoupled defaults to `full`.
-    storage: Literal["full", "hash"] | None = None
+    # hashing trick (`hash`, needs num_embeddings); decoupled defaults to `full`. Both may
+    # also keep them `collisionless` (the keys above apply; optembed's masks prune admitted
+    # rows; a decoupled feature's two tables share one ID map).
+    storage: Literal["full", "hash", "collisionless"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TableConfig:
@@ -192,7 +195,12 @@ class TableConfig(_Strict):
                 "unshared tables are named after their features"
             )
         if self.variant == "optembed" and self.storage is None:
-            raise ValueError("variant 'optembed' needs storage: full or hash")
+            raise ValueError("variant 'optembed' needs storage: full, hash or collisionless")
+        if self.storage == "collisionless" and self.variant not in _STORED:
+            raise ValueError(
+                f"storage 'collisionless' is only for variants {list(_STORED)}, "
+                f"not {self.variant!r}"
+            )
         if self.storage is not None and self.variant not in _STORED:
             raise ValueError(f"storage is only for variants {list(_STORED)}, not {self.variant!r}")
         if self.attention_dim is not None and self.variant != "decoupled":
@@ -225,21 +233,31 @@ class TableConfig(_Strict):
         return self
 
     def _check_collisionless(self) -> None:
-        if self.variant != "collisionless":
+        if self.storage_variant != "collisionless":
             for key, default in _COLLISIONLESS_DEFAULTS.items():
                 if getattr(self, key) != default:
-                    raise ValueError(f"{key} is only for variant 'collisionless'")
+                    raise ValueError(
+                        f"{key} is only for variant 'collisionless' or storage 'collisionless'"
+                    )
             return
+        kind = "variant 'collisionless'"
+        if self.variant == "decoupled":
+            kind = "variant 'decoupled' with storage 'collisionless'"
+        if self.variant == "optembed":
+            kind = "variant 'optembed' with storage 'collisionless'"
+            if self.pooling != "sum":
+                # Pruned and unadmitted IDs read the default outside the masked pooling,
+                # which would have to count them for a mean.
+                raise ValueError(f"{kind} pools by sum; pooling {self.pooling!r} is not supported")
         if self.capacity is None:
-            raise ValueError("variant 'collisionless' needs capacity (rows per worker)")
+            raise ValueError(f"{kind} needs capacity (rows per worker)")
         if self.num_embeddings is not None:
             raise ValueError(
-                "variant 'collisionless' sizes its table by capacity (rows per worker), "
-                "not num_embeddings"
+                f"{kind} sizes its table by capacity (rows per worker), not num_embeddings"
             )
         if self.sharding not in ("auto", "row_wise"):
             raise ValueError(
-                f"variant 'collisionless' is sharded row-wise by ID ownership; "
+                f"{kind} is sharded row-wise by ID ownership; "
                 f"sharding {self.sharding!r} is not possible (use auto or row_wise)"
             )
         width = self.filter_width
@@ -507,7 +525,7 @@ class ExperimentConfig(_Strict):
                     f"tables[{i}]: variant 'collisionless' serves CTR models' pooled features, "
                     f"not model {self.model.name!r}"
                 )
-            if table.variant == "collisionless" and table.buckets < self.train.workers:
+            if table.storage_variant == "collisionless" and table.buckets < self.train.workers:
                 raise ValueError(
                     f"tables[{i}].buckets: {table.buckets} buckets cannot be owned by "
                     f"{self.train.workers} workers (train.workers)"

@@ -170,6 +170,11 @@ class CollisionlessTransform(nn.Module):
     def num_rows(self) -> int:
         return self.capacity * self.num_shards
 
+    @property
+    def storage_tables(self) -> tuple[str, ...]:
+        """The torchrec tables whose rows this map hands out (one; decoupled: two)."""
+        return (self.name,)
+
     def bind(self, rank: int, group: dist.ProcessGroup) -> None:
         """Become rank `rank`'s part: keep only its shard, route IDs over `group`."""
         if group.size() != self.num_shards:
@@ -245,11 +250,10 @@ class CollisionlessTransform(nn.Module):
     def reset_new_rows(self, ebc: nn.Module) -> None:
         """Write initial weights and zero optimizer state into rows given out since the
         last call, in the table's storage (a sharded TBE or a plain `EmbeddingBag`)."""
-        if not self._fresh:
+        fresh = self.take_fresh()
+        if fresh is None:
             return
-        rows = torch.cat([r for r, _ in self._fresh])
-        ids = torch.cat([i for _, i in self._fresh])
-        self._fresh = []
+        rows, ids = fresh
         if self._storage is None or self._storage[0] is not ebc:
             self._storage = (ebc, table_storage(ebc, self.name))
         weight, states, first_row = self._storage[1]
@@ -258,6 +262,15 @@ class CollisionlessTransform(nn.Module):
         weight.index_copy_(0, local, init.to(weight.device, weight.dtype))
         for state in states:
             state.index_fill_(0, local, 0)
+
+    def take_fresh(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(global rows, IDs) given out since the last call, to be reset; None if none."""
+        if not self._fresh:
+            return None
+        rows = torch.cat([r for r, _ in self._fresh])
+        ids = torch.cat([i for _, i in self._fresh])
+        self._fresh = []
+        return rows, ids
 
     # ---- state, stats, export ----------------------------------------------------------
 
@@ -445,6 +458,21 @@ def _exchange(
     return list(torch.empty_like(back).index_copy_(0, order, back).split(sizes))
 
 
+def global_rows(
+    transforms: list[CollisionlessTransform],
+    ids: list[torch.Tensor],
+    times: list[torch.Tensor],
+    now: int,
+) -> list[torch.Tensor]:
+    """Global row per ID (-1: none) of each table's CPU int64 IDs, by their owners: held
+    here, or one exchange between ranks for all tables. `now` is the newest event time
+    of the local batch (`torch.iinfo(torch.int64).min` for none)."""
+    if all(t.group is None for t in transforms):
+        triples = zip(transforms, ids, times, strict=True)
+        return [t._rows_local(i, ts, now) for t, i, ts in triples]
+    return _exchange(transforms, ids, times, now)
+
+
 def route_tables(
     tables: list[tuple[CollisionlessTransform, KeyedJaggedTensor]],
     event_times: torch.Tensor | None,
@@ -467,11 +495,7 @@ def route_tables(
     transforms = [t for t, _ in tables]
     # The batch's newest event time drives every table's expiry clock alike.
     now = int(event_times.max()) if event_times is not None and event_times.numel() else _I64_MIN
-    if all(t.group is None for t in transforms):
-        triples = zip(transforms, ids, times, strict=True)
-        rows = [t._rows_local(i, ts, now) for t, i, ts in triples]
-    else:
-        rows = _exchange(transforms, ids, times, now)
+    rows = global_rows(transforms, ids, times, now)
     out = []
     for (_, features), found, bags in zip(tables, rows, lengths, strict=True):
         kept = found >= 0
@@ -496,7 +520,8 @@ def table_storage(ebc: nn.Module, table: str) -> tuple[torch.Tensor, list[torch.
     of its fused optimizer's state, so writing them writes the kernel's own storage.
     """
     state = ebc.state_dict()
-    weight = state[f"embedding_bags.{table}.weight"]
+    key = f"embedding_bags.{table}.weight"  # an `EmbeddingCollection` names it `embeddings`
+    weight = state[key if key in state else f"embeddings.{table}.weight"]
     if not hasattr(weight, "local_shards"):
         return weight, [], 0
     (shard,) = weight.local_shards()
@@ -526,12 +551,16 @@ def table_report(sparse: nn.Module, group: dist.ProcessGroup | None = None) -> d
     report: dict[str, Any] = {}
     for transform in collisionless_transforms(sparse):
         counters = transform.take_counters()
-        weight, states, _ = table_storage(sparse.ebc, transform.name)  # type: ignore[arg-type]
+        weights, states = [], []
+        for table in transform.storage_tables:
+            weight, table_states, _ = table_storage(_collection(sparse, table), table)
+            weights.append(weight)
+            states += table_states
         values = {
             **asdict(counters.map),
             "expired": counters.expired,
             "live_rows": sum(s.idmap.num_live for s in transform.shards.values()),
-            "row_bytes": weight.numel() * weight.element_size(),
+            "row_bytes": sum(w.numel() * w.element_size() for w in weights),
             **transform.memory(),
             "optimizer_bytes": sum(s.numel() * s.element_size() for s in states),
         }
@@ -542,6 +571,13 @@ def table_report(sparse: nn.Module, group: dist.ProcessGroup | None = None) -> d
         values["load_factor"] = values["live_rows"] / transform.num_rows
         report[transform.name] = values
     return report
+
+
+def _collection(sparse: nn.Module, table: str) -> nn.Module:
+    """The torchrec collection holding `table`: `sparse.ebc`, or `sparse.collection_of`
+    where a layer has several (optembed's)."""
+    of = getattr(sparse, "collection_of", None)
+    return of(table) if of is not None else sparse.ebc  # type: ignore[return-value]
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -185,6 +185,7 @@ class OptEmbedPooling(nn.Module):
         self.mode = Mode.SUPERNET
         self.keep: dict[str, Tensor] = {}
         self.generator: torch.Generator | None = None
+        self.last_dims: Tensor | None = None
 
     def use_supernet(self, generator: torch.Generator | None = None) -> None:
         """Sample dims per sample and field; `generator` makes the draws reproducible."""
@@ -248,6 +249,7 @@ class OptEmbedPooling(nn.Module):
             dims = sample_dims(batch_size, self.field_dims, self.generator)  # [B, fields]
         else:
             dims = self.dims.unsqueeze(0)  # [1, fields]: the same for every sample
+        self.last_dims = dims  # for terms added to the output outside (their dim masks)
         pieces: list[tuple[list[str], Tensor]] = []  # (features, [B, their widths summed])
         if single is not None:
             pieces += self._single_block(single, dims)
@@ -297,6 +299,12 @@ class OptEmbedPooling(nn.Module):
         retrain mode's fixed row mask."""
         fields = torch.tensor([self.fields[self._position[f]] for f in group])
         fields = fields.to(dims.device)
+        if kept is None and self.norm == 1:
+            from tables import optembed_fused  # it builds on this module
+
+            chosen = dims[:, fields]
+            if optembed_fused.usable(x, chosen):
+                return optembed_fused.masked_block(x, self.thresholds.threshold[fields], chosen)
         width = x.size(-1)
         table = self.get_buffer(f"prefix_{width}")
         columns = table.index_select(0, (dims[:, fields] - 1).flatten())
@@ -320,6 +328,14 @@ class OptEmbedPooling(nn.Module):
             out = out / jt.lengths().clamp(min=1).unsqueeze(1).to(out.dtype)
         table = self.get_buffer(f"prefix_{values.size(-1)}")
         return out * table.index_select(0, dims[:, field] - 1)
+
+    def column_mask(self, feature: str) -> Tensor:
+        """Float [B or 1, D_f]: the columns of `feature` that the last forward kept."""
+        if self.last_dims is None:
+            raise ValueError("no forward yet: its dims are not drawn")
+        field = self.fields[self._position[feature]]
+        table = self.get_buffer(f"prefix_{self.feature_dims[self._position[feature]]}")
+        return table.index_select(0, self.last_dims[:, field] - 1)
 
     def _kept(self, feature: str, jt: JaggedTensor) -> Tensor:
         """Bool [N]: the fixed retrain mask of the looked-up rows, by row ID."""

@@ -89,7 +89,7 @@ def _specs_of(
         if name not in vocabularies:
             raise ValueError(f"table {name!r}: no vocabulary was built for it")
         return [TableSpec(name, features, num_rows=len(vocabularies[name]) + 1, **common)]
-    if table.variant == "collisionless":
+    if table.storage_variant == "collisionless":
         rows = int(table.capacity) * workers  # type: ignore[arg-type]
         return [TableSpec(name, features, num_rows=rows, **{**common, "sharding": "row_wise"})]
     rows = int(table.num_embeddings)  # type: ignore[arg-type]

@@ -17,7 +17,10 @@ the history reads the target's table) or a `decoupled` one (DARE): two tables `<
 (attention_dim wide) and `<name>@rep` (embedding_dim), both keyed by the same row IDs from
 one ID transform; the item's decoupled-ness also splits the time-position table. The output
 always carries an attention and a representation set; for coupled tables they are the
-same tensors, so the model reading them never knows the variant.
+same tensors, so the model reading them never knows the variant. A decoupled table may
+also keep its rows `collisionless` (see `tables.sequence_collisionless`): its IDs then go
+to one ID map with the batch's event times, and IDs without a row read each role table's
+default embedding.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.config import ExperimentConfig, TableConfig
+from tables.collisionless import global_rows
+from tables.sequence_collisionless import SharedRowsTransform, drop_rowless, fill_defaults
 from tables.transforms import ModuloHash, VocabularyLookup
 
 ATTENTION, REPRESENTATION, BOTH = "att", "rep", "both"
@@ -139,6 +144,19 @@ class SequenceEmbeddings(nn.Module):
         self.collection_keys = {
             f"d{dim}": [key for s in group for key in s.keys] for dim, group in by_dim.items()
         }
+        self._collection_of_table = {s.name: f"d{s.dim}" for s in specs}
+        # collisionless fields: lookup key -> (its ID map, the role table it reads)
+        self.routed_keys = {
+            self._key(f, role, target=target): (f.transform, _role_key(f.table, role))
+            for f in fields
+            if f.transform is not None and isinstance(transforms[f.transform], SharedRowsTransform)
+            for role in _roles(f.decoupled)
+            for target in (True, False)
+        }
+
+    def collection_of(self, table: str) -> nn.Module:
+        """The collection holding a physical table (sharded or not)."""
+        return self.collections[self._collection_of_table[table]]
 
     def _key(self, field: Field, role: str, *, target: bool) -> str:
         """The lookup key of a field's target or history in the set `role`."""
@@ -146,9 +164,14 @@ class SequenceEmbeddings(nn.Module):
         return _role_key(key, role) if field.decoupled else key
 
     def rows(
-        self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor
+        self,
+        sparse: KeyedJaggedTensor,
+        sequences: KeyedJaggedTensor,
+        event_times: Tensor | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """Table rows of every lookup key, the lengths of every key, and history offsets."""
+        """Table rows of every lookup key (-1: a collisionless ID without a row), the
+        lengths of every key, and history offsets. `event_times` [B] (the impressions'
+        timestamps) are the times collisionless tables see the target and history IDs at."""
         targets, histories = sparse.to_dict(), sequences.to_dict()
         lengths = histories[self.fields[0].history_key].lengths().to(torch.int64)
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
@@ -156,10 +179,13 @@ class SequenceEmbeddings(nn.Module):
         ones = torch.ones(batch, dtype=lengths.dtype, device=lengths.device)
         values: dict[str, Tensor] = {}
         key_lengths: dict[str, Tensor] = {}
+        found = self._route(targets, histories, lengths, event_times)
         for field in self.fields:
             if field.transform is None:
                 target = torch.zeros(batch, dtype=torch.int64, device=lengths.device)
                 history = reverse_positions(offsets).clamp(max=self.time_positions - 1)
+            elif field.transform in found:
+                target, history = found[field.transform]
             else:
                 transform = self.transforms[field.transform]
                 target = transform(targets[field.target_key].values())
@@ -171,8 +197,59 @@ class SequenceEmbeddings(nn.Module):
                 key_lengths[_role_key(field.history_key, role)] = lengths
         return values, key_lengths, offsets
 
-    def forward(self, sparse: KeyedJaggedTensor, sequences: KeyedJaggedTensor) -> SequenceLookup:
-        values, lengths, offsets = self.rows(sparse, sequences)
+    def _route(
+        self,
+        targets: dict[str, JaggedTensor],
+        histories: dict[str, JaggedTensor],
+        lengths: Tensor,
+        event_times: Tensor | None,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Collisionless fields' (target, history) global rows, all by one routing (one
+        exchange between ranks); every ID is seen at its impression's event time."""
+        fields = [
+            f
+            for f in self.fields
+            if f.transform is not None
+            and isinstance(self.transforms[f.transform], SharedRowsTransform)
+        ]
+        if not fields:
+            return {}
+        device = lengths.device
+        batch = lengths.shape[0]
+        times = event_times if event_times is not None else torch.zeros(batch, dtype=torch.int64)
+        times = times.to("cpu", torch.int64)
+        cpu_lengths = lengths.to("cpu")
+        per_id = torch.cat([times, torch.repeat_interleave(times, cpu_lengths)])
+        transforms: list[SharedRowsTransform] = []
+        ids = []
+        for f in fields:
+            transform = self.transforms[f.transform]
+            transform.steps += int(transform.training)
+            transforms.append(transform)
+            target = targets[f.target_key].values()
+            ids.append(
+                torch.cat([target, histories[f.history_key].values()]).to("cpu", torch.int64)
+            )
+        empty = event_times is None or not event_times.numel()
+        now = torch.iinfo(torch.int64).min if empty else int(event_times.max())  # type: ignore[union-attr]
+        rows = global_rows(transforms, ids, [per_id] * len(fields), now)  # type: ignore[arg-type]
+        return {
+            f.transform: tuple(r.to(device).split([batch, len(r) - batch]))  # type: ignore[misc]
+            for f, r in zip(fields, rows, strict=True)
+        }
+
+    def forward(
+        self,
+        sparse: KeyedJaggedTensor,
+        sequences: KeyedJaggedTensor,
+        event_times: Tensor | None = None,
+    ) -> SequenceLookup:
+        values, lengths, offsets = self.rows(sparse, sequences, event_times)
+        kept = {key: values[key] >= 0 for key in self.routed_keys}
+        for key, mask in kept.items():  # rowless IDs leave the lookup, read the default
+            values[key], lengths[key] = drop_rowless(values[key], lengths[key], mask)
+        for name in dict.fromkeys(name for name, _ in self.routed_keys.values()):
+            self.transforms[name].reset_new_rows(self.collection_of)
         looked_up: dict[str, JaggedTensor] = {}
         for name, collection in self.collections.items():
             keys = self.collection_keys[name]
@@ -182,6 +259,11 @@ class SequenceEmbeddings(nn.Module):
                 lengths=torch.cat([lengths[k] for k in keys]),
             )
             looked_up.update(collection(features))
+        for key, mask in kept.items():
+            name, table = self.routed_keys[key]
+            default = self.transforms[name].defaults[table]
+            found = fill_defaults(looked_up[key].values(), mask, default)
+            looked_up[key] = JaggedTensor(values=found, lengths=lengths[key])
 
         built: dict[tuple[str, ...], Tensor] = {}
 
@@ -228,7 +310,29 @@ def _table_of(cfg: ExperimentConfig, feature: str) -> tuple[TableConfig, str]:
     raise ValueError(f"sequence target {feature!r} has no table")
 
 
-def _transform(table: TableConfig, name: str, vocabularies: dict[str, np.ndarray]) -> nn.Module:
+def _transform(
+    cfg: ExperimentConfig,
+    table: TableConfig,
+    name: str,
+    keys: list[str],
+    vocabularies: dict[str, np.ndarray],
+) -> nn.Module:
+    if table.storage_variant == "collisionless":
+        dims = {f"{name}@{ATTENTION}": table.attention_dim or table.embedding_dim}
+        dims[f"{name}@{REPRESENTATION}"] = table.embedding_dim
+        return SharedRowsTransform(
+            name,
+            tuple(keys),
+            dims,
+            capacity=int(table.capacity),  # type: ignore[arg-type]
+            num_shards=cfg.train.workers,
+            min_count=table.min_count,
+            ttl=table.ttl,
+            evict_every=table.evict_every,
+            policy=table.policy,
+            filter_width=table.filter_width,
+            buckets=table.buckets,
+        )
     if table.uses_vocabulary:
         if name not in vocabularies:
             raise ValueError(f"table {name!r}: no vocabulary was built for it")
@@ -264,6 +368,9 @@ def build_sequence_embeddings(
 
     def add(name: str, table: TableConfig, rows: int, keys: list[str], variant: str) -> None:
         decoupled = table.variant == "decoupled"
+        # collisionless rows are owned by ID buckets: rank r's block holds its IDs' rows
+        owned = variant != "position" and table.storage_variant == "collisionless"
+        sharding = "row_wise" if owned else table.sharding
         for role in _roles(decoupled):
             dim = table.embedding_dim
             if role == ATTENTION:
@@ -275,13 +382,13 @@ def build_sequence_embeddings(
                     role=role,
                     num_rows=rows,
                     dim=dim,
-                    sharding=table.sharding,
+                    sharding=sharding,
                     keys=tuple(_role_key(k, role) for k in keys),
                 )
             )
 
     for name, (table, keys) in tables.items():
-        transform = _transform(table, name, vocabularies)
+        transform = _transform(cfg, table, name, keys, vocabularies)
         transforms[name] = transform
         rows = int(transform.num_rows)
         add(name, table, rows, keys, table.variant)

@@ -22,6 +22,7 @@ from torchrec import (
     KeyedTensor,
 )
 
+from tables import optembed_fused
 from tables.dimension_search import EvolutionarySearch, SearchConfig
 from tables.optembed import (
     FieldThresholds,
@@ -239,6 +240,56 @@ def test_pooling_values_and_gradients_match_the_per_row_reference() -> None:
     for f in features:
         torch.testing.assert_close(got[f], leaves[f].grad)
     torch.testing.assert_close(got_t, threshold.grad)
+
+
+def _fused_against_pooling(monkeypatch: pytest.MonkeyPatch | None) -> None:
+    """`optembed_fused.masked_block` (compiled, or its functions run as they are when
+    `monkeypatch` swaps the compiler out) against `OptEmbedPooling`'s eager single block:
+    values, row gradients and threshold gradients, supernet dims, some rows pruned."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(optembed_fused, "_compiled", lambda fn: fn)
+    gen = torch.Generator().manual_seed(3)
+    batch, features, width = 64, ["a", "b", "c"], 8
+    x = (torch.rand(batch, len(features), width, generator=gen) - 0.5).requires_grad_()
+    pooling = OptEmbedPooling(features, [0, 1, 2], [width] * 3)
+    with torch.no_grad():
+        pooling.thresholds.threshold.copy_(torch.tensor([1.5, 2.0, 1.0]))
+    pooling.use_supernet(torch.Generator().manual_seed(4))
+    single = KeyedTensor(keys=features, length_per_key=[width] * 3, values=x.flatten(1))
+    expected = pooling({}, single=single).values()  # small: the eager path
+    probe = torch.randn(expected.shape, generator=gen)
+    (expected * probe).sum().backward()
+    grad_x, grad_t = x.grad.clone(), pooling.thresholds.threshold.grad.clone()  # type: ignore[union-attr]
+    assert 0 < int((expected == 0).sum()) < expected.numel()
+
+    x.grad, pooling.thresholds.threshold.grad = None, None
+    dims = sample_dims(batch, torch.tensor([width] * 3), torch.Generator().manual_seed(4))
+    got = optembed_fused.masked_block(x, pooling.thresholds.threshold, dims)
+    torch.testing.assert_close(got.flatten(1), expected)
+    (got.flatten(1) * probe).sum().backward()
+    torch.testing.assert_close(x.grad, grad_x)
+    torch.testing.assert_close(pooling.thresholds.threshold.grad, grad_t)
+
+
+def test_fused_block_math_matches_the_eager_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fused_against_pooling(monkeypatch)
+
+
+@pytest.mark.slow
+def test_compiled_fused_block_matches_the_eager_masks() -> None:
+    """The Inductor-compiled kernels (a first compile takes about 15 s)."""
+    _fused_against_pooling(None)
+
+
+def test_fused_block_serves_only_large_supernet_blocks_with_gradients() -> None:
+    x = torch.zeros(1024, 8, 8, requires_grad=True)  # MIN_ELEMENTS = 65536 elements
+    dims = torch.ones(1024, 8, dtype=torch.long)
+    assert optembed_fused.usable(x, dims)
+    assert not optembed_fused.usable(x[:512], dims[:512])  # too small to pay for compiling
+    assert not optembed_fused.usable(x, dims[:1])  # one dim per field: search mode
+    assert not optembed_fused.usable(x.detach(), dims)
+    with torch.no_grad():
+        assert not optembed_fused.usable(x, dims)
 
 
 def test_modes_validate_their_configuration() -> None:

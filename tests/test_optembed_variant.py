@@ -19,6 +19,7 @@ from pipelines.optembed import column_mask, resume_or_start
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, load_config
 from recsys.serving import ServingModel
+from tables.collisionless import collisionless_transforms, save_id_maps
 from tables.dimension_search import EvolutionarySearch, SearchConfig
 from tables.optembed import Mode, kept_rows
 from tests.small_log import small_features, small_table
@@ -57,12 +58,18 @@ def test_defaults_are_the_papers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["tables.0.storage=null"], "tables[0]: variant 'optembed' needs storage: full or hash"),
+        (
+            ["tables.0.storage=null"],
+            "tables[0]: variant 'optembed' needs storage: full, hash or collisionless",
+        ),
         (
             ["tables.0.variant=hash"],
             "storage is only for variants ['decoupled', 'optembed'], not 'hash'",
         ),
-        (["tables.0.storage=qr"], "tables[0].storage: Input should be 'full' or 'hash'"),
+        (
+            ["tables.0.storage=qr"],
+            "tables[0].storage: Input should be 'full', 'hash' or 'collisionless'",
+        ),
         (
             ["tables.0.num_embeddings=null"],
             "variant 'optembed' with storage 'hash' needs num_embeddings",
@@ -272,3 +279,123 @@ def test_search_state_resumes_only_its_own_search(tmp_path: Path) -> None:
         resume_or_start(path, [4, 4], more, "ckpt_2")  # another supernet checkpoint
     with pytest.raises(ConfigError, match="delete the file"):
         resume_or_start(path, [4, 4], replace(config, mutate_prob=0.5), "ckpt_1")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["tables.0.capacity=null"],
+            "variant 'optembed' with storage 'collisionless' needs capacity (rows per worker)",
+        ),
+        (
+            ["tables.0.pooling=mean"],
+            "storage 'collisionless' pools by sum; pooling 'mean' is not supported",
+        ),
+        (
+            ["tables.0.num_embeddings=10"],
+            "storage 'collisionless' sizes its table by capacity (rows per worker), "
+            "not num_embeddings",
+        ),
+        (
+            ["tables.0.storage=hash", "tables.0.num_embeddings=10"],
+            "tables[0]: capacity is only for variant 'collisionless' or storage 'collisionless'",
+        ),
+        (["tables.0.sharding=table_wise"], "sharding 'table_wise' is not possible"),
+        (["tables.0.buckets=1", "train.workers=2"], "tables[0].buckets: 1 buckets cannot be"),
+    ],
+)
+def test_bad_collisionless_storage_config_names_the_key(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    doc = {**MINIMAL, "tables": [{**MINIMAL["tables"][0], "storage": "collisionless"}]}
+    del doc["tables"][0]["num_embeddings"]
+    doc["tables"][0]["capacity"] = 64
+    assert load_config(_write(tmp_path, doc)).tables[0].storage_variant == "collisionless"
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, doc), overrides)
+    assert message in str(err.value)
+
+
+def test_collisionless_storage_only_under_layered_variants(tmp_path: Path) -> None:
+    doc = {
+        **MINIMAL,
+        "tables": [{"features": ["a", "b"], "variant": "hash", "storage": "collisionless"}],
+    }
+    with pytest.raises(ConfigError, match="storage 'collisionless' is only for variants"):
+        load_config(_write(tmp_path, doc))
+
+
+def _train_a_little(model, batch, steps: int = 3) -> torch.Tensor:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+        penalty = model.sparse.regularizer()
+        optimizer.zero_grad()
+        (loss if penalty is None else loss + penalty).backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def test_optembed_over_collisionless_prunes_admitted_rows_and_exports_them(
+    tmp_path: Path,
+) -> None:
+    """Supernet on collisionless storage (min_count 2: first sightings read the default)
+    trains; its kept IDs (live, above the threshold) fix a retrain, which admits only them;
+    the compact export serves exactly what the retrained model scores."""
+    storage = ["tables.0.capacity=4096", "tables.0.min_count=2"]
+    cfg = _small_cfg(tmp_path, "collisionless", *storage)
+    features = [f.name for f in cfg.features.sparse]
+    batch = BatchConverter(cfg.features)(small_table(128, seed=6))
+    torch.manual_seed(0)
+    model = build_model(cfg, {})
+    sparse = model.sparse
+    assert torch.isfinite(_train_a_little(model, batch))  # the second pass admits
+    transforms = {t.name: t for t in collisionless_transforms(model)}
+    assert sorted(transforms) == sorted(features)  # unshared: a table per feature
+    assert all(t.default.abs().sum() > 0 for t in transforms.values())  # first sightings
+    assert sparse.pooling.thresholds.threshold.abs().sum() > 0
+    live = {f: transforms[f].live_rows()[0] for f in features}
+    assert all(len(ids) > 50 for ids in live.values())
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # prune about half the live rows (L1 norms of 4 N(0, 1) entries)
+        for s in sparse.specs:
+            sparse_weight(sparse, s.name).normal_(generator=gen)
+        sparse.pooling.thresholds.threshold.fill_(3.0)
+    keep = {f: sparse.keep_mask(f).numpy() for f in features}
+    for f in features:
+        assert set(keep[f]) < set(live[f].tolist()) and len(keep[f]) > 10
+
+    dims = {"s_single": 1, "s_multi": 3, "s_nullable": 4, "s_multi_null": 2}
+    retrain = _small_cfg(
+        tmp_path,
+        "collisionless",
+        *storage,
+        "optembed.stage=retrain",
+        f"optembed.dims={json.dumps(dims)}",
+        "optembed.supernet_run=supernet",
+    )
+    model = build_model(retrain, {}, keep=keep)
+    _train_a_little(model, batch)
+    admitted = {t.name: t.live_rows()[0].numpy() for t in collisionless_transforms(model)}
+    for f in features:  # pruned IDs are never admitted: they read the default
+        assert len(admitted[f]) > 0 and np.isin(admitted[f], keep[f]).all()
+    model.eval()
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint_step00000001"
+    checkpoint.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(retrain.model_dump(mode="json")))
+    np.savez(run / "optembed_keep.npz", **keep)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(checkpoint), no_dist=True)
+    save_id_maps(model, checkpoint)
+    (checkpoint / "progress.json").write_text('{"step": 1}')
+
+    summary = export(run, tmp_path / "export")
+    assert summary["bytes"] == 4 * sum(len(admitted[f]) * dims[f] for f in features)
+    served = ServingModel(tmp_path / "export").predict_table(small_table(128, seed=6))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(batch)).numpy()
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
