@@ -623,7 +623,8 @@ def load_id_maps(model: nn.Module, directory: Path) -> dict[str, RowMoves]:
     """Restore the shards each table holds here (all of them in an unsharded model).
 
     A table saved with another number of shards or capacity is resharded: the result
-    names it with the moves its rows and optimizer state need (rows held here only).
+    names each torchrec table of its rows with the moves its rows and optimizer state need
+    (rows held here only).
     Resharding reads every saved shard's file, one at a time.
     """
     moves = {}
@@ -636,7 +637,8 @@ def load_id_maps(model: nn.Module, directory: Path) -> dict[str, RowMoves]:
             transform.load_shards(held)
         else:
             saved = (first if s == 0 else _read(f) for s, f in enumerate(files))
-            moves[transform.name] = transform.reshard(saved)
+            moved = transform.reshard(saved)
+            moves |= dict.fromkeys(transform.storage_tables, moved)
     return moves
 
 

@@ -19,6 +19,7 @@ expiry clock (the newest time seen) moves with the log's impressions, as for poo
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,8 +77,8 @@ class SharedRowsTransform(CollisionlessTransform):
             for state in states:
                 state.index_fill_(0, local, 0)
 
-    def load_shard_state(self, shard: int, state: dict[str, Any]) -> None:
-        super().load_shard_state(shard, state)
+    def _adopt(self, state: dict[str, Any], source: Path) -> None:
+        super()._adopt(state, source)
         self._storages = {}
 
 
