@@ -17,6 +17,9 @@ fbgemm's fused row-wise Adagrad on the tables and Adam on the dense layers:
   optembed` (`tables.optembed_tables.OptEmbedEmbeddings`: ID transform, pooled rows,
   masks), the figure the RESULT line reports by default.
 
+The supernets mask their single-valued block with `tables.optembed_fused`'s compiled
+kernels (compiled in the warm-up step, before timing).
+
 Steps of the models alternate in short blocks so that load from other processes hits all
 alike; throughput is the median over blocks. The same is measured for the embedding layer
 alone (lookup + masks + pooling, forward and backward with the fused update, no dense

@@ -123,7 +123,7 @@ class OptEmbedEmbeddings(nn.Module):
             f for s in specs if s.variant == "full" for f in s.features
         )
         self.single_tables = frozenset(s.name for s in single)
-        # Collisionless tables: their transforms route IDs (adjacent keys, one exchange).
+        # Collisionless tables: their transforms route IDs to rows (one exchange for all).
         self.routing = {
             name for name, t in transforms.items() if isinstance(t, CollisionlessTransform)
         }

@@ -84,3 +84,21 @@ def test_search_resumes_then_retrain_exports_a_compact_table(supernet, repo: Pat
     data = tmp / "log" / HELD_OUT_DAY
     served = ServingModel(tmp / "compact").predict(data).column("prob").to_numpy()
     np.testing.assert_allclose(served, trained_probabilities(retrained["run_dir"], data), atol=1e-6)
+
+
+def test_collisionless_storage_end_to_end(tmp_path: Path, repo: Path) -> None:
+    """Supernet over collisionless storage on 2 workers (IDs routed to their owners),
+    search, a retrain that admits only the kept IDs, and the compact export of those."""
+    cfg = _config(repo, tmp_path, "tables.0.storage=collisionless", "tables.0.capacity=3000")
+    generate(cfg, rows=30_000, out=tmp_path / "log")
+    supernet = train(cfg)
+    assert supernet["metrics"]["tables"]  # the table report reads optembed's collections
+    search(cfg)
+    retrained = retrain(cfg)
+    assert retrained["metrics"]["valid_auc"] > 0.5
+    summary = export(retrained["run_dir"], tmp_path / "compact")
+    assert summary["bytes"] < summary["uncompacted_bytes"]
+    data = tmp_path / "log" / HELD_OUT_DAY
+    served = ServingModel(tmp_path / "compact").predict(data).column("prob").to_numpy()
+    np.testing.assert_allclose(served, trained_probabilities(retrained["run_dir"], data), atol=1e-6)
+    ray.shutdown()
