@@ -40,7 +40,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tables.admission import BucketSpan, FrequencyFilter
 from tables.idmap import IdMap, MapStats, Policy
 from tables.ownership import bucket_of, bucket_range, hash64, owner_of
+
+if TYPE_CHECKING:
+    from recsys.config import TableConfig
 
 INIT_SEED = 0x1717
 FILTER_DEPTH = 4
@@ -99,6 +102,19 @@ class _Shard:
     idmap: IdMap
     filter: FrequencyFilter
     touched: torch.Tensor
+
+
+def map_options(table: TableConfig) -> dict[str, Any]:
+    """A collisionless table's (or storage's) map settings from config, as the keyword
+    arguments of `CollisionlessTransform`."""
+    return {
+        "min_count": table.min_count,
+        "ttl": table.ttl,
+        "evict_every": table.evict_every,
+        "policy": table.policy,
+        "filter_width": table.filter_width,
+        "buckets": table.buckets,
+    }
 
 
 class CollisionlessTransform(nn.Module):

@@ -25,7 +25,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.config import ExperimentConfig, TableConfig
-from tables.collisionless import CollisionlessTransform, route_tables
+from tables.collisionless import CollisionlessTransform, map_options, route_tables
 from tables.multiplexed import (
     MultiplexedTransform,
     QuotientRemainderTransform,
@@ -171,12 +171,7 @@ def make_transforms(
                 capacity=int(table.capacity),  # type: ignore[arg-type]
                 num_shards=cfg.train.workers,
                 dim=spec.dim,
-                min_count=table.min_count,
-                ttl=table.ttl,
-                evict_every=table.evict_every,
-                policy=table.policy,
-                filter_width=table.filter_width,
-                buckets=table.buckets,
+                **map_options(table),
             )
         elif spec.variant == "qr":
             quotient, remainder = [s for s in specs if s.transform == spec.transform]

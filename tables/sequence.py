@@ -34,7 +34,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.config import ExperimentConfig, TableConfig
-from tables.collisionless import global_rows
+from tables.collisionless import global_rows, map_options
 from tables.sequence_collisionless import SharedRowsTransform, drop_rowless, fill_defaults
 from tables.transforms import ModuloHash, VocabularyLookup
 
@@ -326,12 +326,7 @@ def _transform(
             dims,
             capacity=int(table.capacity),  # type: ignore[arg-type]
             num_shards=cfg.train.workers,
-            min_count=table.min_count,
-            ttl=table.ttl,
-            evict_every=table.evict_every,
-            policy=table.policy,
-            filter_width=table.filter_width,
-            buckets=table.buckets,
+            **map_options(table),
         )
     if table.uses_vocabulary:
         if name not in vocabularies:
