@@ -1,6 +1,7 @@
 """Quality on the synthetic long-sequence log: DIN, TWIN, TWIN with projections and DARE.
 
-    python bench/sequence_quality.py [--quick] [--seeds N] [--keep DIR] [key=value ...]
+    python bench/sequence_quality.py [--quick] [--rows N] [--seeds N] [--first-seed S]
+                                      [--arms A,B] [--keep DIR] [key=value ...]
 
 For each seed, generates a Taobao-shaped log (conf/taobao_synth.yaml's generator at SCALE,
 the generator and training seeded alike), then trains every model in one process through
