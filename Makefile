@@ -22,13 +22,19 @@ endif
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py tables/csrc/idmap_native.cpp Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(TORCH_STEP) -q
 	# torchrec without its declared deps: they would replace the fbgemm build above.
 	$(PIP) install -q --no-deps torchrec==1.8.0
-	$(PIP) install -q -e '.[dev]'
+	# The ID map's native kernels compile against the torch installed above, in place.
+	$(PIP) install -q 'setuptools>=68' wheel
+	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	# git ignores the built library through .git/info/exclude, not .gitignore: Ray reads
+	# .gitignore when it uploads a job's --working-dir, and the job needs the library.
+	if [ -d .git/info ]; then grep -qxF 'tables/_*.so' .git/info/exclude \
+		|| echo 'tables/_*.so' >> .git/info/exclude; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -61,4 +67,4 @@ bench-ingest: $(STAMP)
 	$(PY) bench/ingest.py
 
 clean:
-	rm -rf $(VENV) out runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) out runs build tables/_*.so .pytest_cache .ruff_cache *.egg-info

@@ -7,8 +7,9 @@ quotient-remainder tables also write each feature's hash salts (see recsys.expor
 The dense architecture is a `torch.export` program with a dynamic batch dimension.
 
 `since` makes an incremental export on top of an earlier one (Monolith's parameter sync):
-collisionless tables then hold only the rows trained after that export plus the IDs that
-lost their rows since; the other tables and the dense program are written whole.
+collisionless tables, pooled or sequence, then hold only the rows trained after that
+export plus the IDs that lost their rows since (pipelines.export_delta); the other tables
+and the dense program are written whole.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from pipelines.build import load_trained
+from pipelines.export_delta import Previous, collisionless_rows
 from pipelines.export_sequence import sequence_program, sequence_tables
 from pipelines.optembed_export import compact_tables, uncompacted_bytes
 from recsys.export_format import (
@@ -74,39 +75,8 @@ def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[st
     }
 
 
-def _write_ids(out: Path, name: str, ids: np.ndarray) -> list[str]:
-    path = out / "deleted" / f"{name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), path)
-    return [str(path.relative_to(out))]
-
-
-def _collisionless_rows(
-    transform: CollisionlessTransform, entry: dict[str, Any], out: Path, previous: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """(IDs, rows) to write: every live row, or for an incremental export the rows trained
-    since the previous export, with the IDs served then and rowless now as deletions."""
-    entry["lookup"] = "id"
-    entry["default_embedding"] = transform.default.detach().tolist()
-    entry["trained_steps"] = transform.steps
-    if previous is None:
-        ids, rows = transform.live_rows()
-        return ids.numpy(), rows.numpy()
-    manifest, served = previous
-    (before,) = [t for t in manifest["tables"] if t["name"] == entry["name"]]
-    if before["trained_steps"] > transform.steps:
-        raise ValueError(
-            f"table {entry['name']!r}: the base export saw {before['trained_steps']} training "
-            f"steps, this checkpoint only {transform.steps}"
-        )
-    ids, rows = transform.touched_since(before["trained_steps"])
-    gone = np.setdiff1d(served[entry["name"]].ids.numpy(), transform.live_rows()[0].numpy())
-    entry.update(delta=True, deleted=len(gone), deleted_files=_write_ids(out, entry["name"], gone))
-    return ids.numpy(), rows.numpy()
-
-
 def _pooled_export(
-    cfg: Any, model: torch.nn.Module, out: Path, dtype: str, previous: Any = None
+    cfg: Any, model: torch.nn.Module, out: Path, dtype: str, previous: Previous | None = None
 ) -> tuple[list[dict[str, Any]], torch.export.ExportedProgram, dict[str, Any]]:
     """Pooled tables, the dense program over (dense, embeddings) and its input spec.
 
@@ -132,8 +102,9 @@ def _pooled_export(
             entry["lookup"] = "id"
             entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()
         elif isinstance(transform, CollisionlessTransform):
-            ids, live = _collisionless_rows(transform, entry, out, previous)
+            ids, live = collisionless_rows(transform, entry, out, previous)
             rows = weights[live]
+            entry["default_embedding"] = transform.default.detach().tolist()
         elif isinstance(transform, VirtualFeatureTransform):
             ids = np.arange(spec.num_rows, dtype=np.int64)
             rows = weights
@@ -175,9 +146,9 @@ def export(
         since = Path(since).resolve()
         previous = (json.loads((since / MANIFEST).read_text()), load_tables(since))
     if cfg.model.is_sequence:
-        if since is not None:
-            raise ValueError("incremental export (--since) is for collisionless pooled tables")
-        tables = sequence_tables(model, partial(_write_table, out, dtype=dtype), dtype)
+        write = partial(_write_table, out, dtype=dtype)
+        rows_of = partial(collisionless_rows, out=out, previous=previous)
+        tables = sequence_tables(model, write, dtype, rows_of)
         program, input_spec = sequence_program(cfg, model)
     else:
         tables, program, input_spec = _pooled_export(cfg, model, out, dtype, previous)

@@ -11,6 +11,7 @@ two-stage search needs a static bound on history lengths, `max_history`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,15 @@ from tables.transforms import VocabularyLookup
 DEFAULT_MAX_HISTORY = 100_000
 
 
-def sequence_tables(model: SequenceRankingModel, write: Any, dtype: str) -> list[dict[str, Any]]:
-    """Manifest entries of the sequence tables; `write(name, ids, rows)` stores a table."""
+CollisionlessRows = Callable[[SharedRowsTransform, dict[str, Any]], tuple[np.ndarray, np.ndarray]]
+
+
+def sequence_tables(
+    model: SequenceRankingModel, write: Any, dtype: str, collisionless_rows: CollisionlessRows
+) -> list[dict[str, Any]]:
+    """Manifest entries of the sequence tables; `write(name, ids, rows)` stores a table and
+    `collisionless_rows(transform, entry)` picks a collisionless table's (IDs, rows): all
+    live ones, or those of an incremental export (pipelines.export_delta)."""
     seq = model.sequence
     fields = {seq.table_of(f, r).name: f for f in seq.fields for r in ("att", "rep")}
     entries = []
@@ -50,9 +58,8 @@ def sequence_tables(model: SequenceRankingModel, write: Any, dtype: str) -> list
         }
         transform = seq.transforms[field.transform] if field.transform else None
         if isinstance(transform, SharedRowsTransform):  # live rows; the rest read the default
-            ids, live = transform.live_rows()
-            ids, rows = ids.numpy(), weights[live.numpy()]
-            entry["lookup"] = "id"
+            ids, live = collisionless_rows(transform, entry)
+            rows = weights[live]
             entry["default_embedding"] = transform.defaults[spec.name].detach().tolist()
         elif isinstance(transform, VocabularyLookup):
             ids, rows = transform.ids.numpy(), weights[1:]

@@ -149,8 +149,7 @@ class ServingModel:
         self.convert = BatchConverter(self.features)
         self.sequence: SequenceServing | None = None
         if manifest["input"].get("kind") == "sequence":
-            tables = {e["name"]: _load_table(root, e) for e in manifest["tables"]}
-            self.sequence = SequenceServing(root, manifest, tables)
+            self.sequence = SequenceServing(root, manifest, load_tables(root))
             return
         self.sparse_order: list[str] = manifest["input"]["sparse"]
         # A feature reads its tables in manifest order (a qr feature reads two).

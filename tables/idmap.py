@@ -16,12 +16,18 @@ When no row is free the policy decides: `evict_lru` / `evict_lfu` free the least
 least frequently seen rows not used by the current batch, `grow` doubles the capacity
 (slots never move, so the caller only appends rows), `fallback` serves the overflow from a
 separate hashed table and reports it. Every outcome is counted in `MapStats`.
+
+The two per-ID loops of every batch, the probe and the last-seen/count stamp, run in a
+native kernel (tables/csrc, built at install) that stops at an ID's first matching choice
+and keeps many IDs' memory reads in flight; the same operations in torch ops remain as the
+reference it is tested against, and run where the kernel is not built.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Literal, NamedTuple
@@ -29,8 +35,21 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from recsys.hashing import mix64_int, to_int64
 from tables import hugepages
 from tables.ownership import hash64
+
+try:
+    import tables._idmap_native  # noqa: F401  (registers torch.ops.recsys_idmap)
+
+    NATIVE = True
+except ImportError:  # a source tree that was not built, e.g. shipped without its library
+    NATIVE = False
+    warnings.warn(
+        "tables._idmap_native is not built: the ID map runs on torch ops, about 2x slower "
+        "(`make venv` builds it)",
+        stacklevel=1,
+    )
 
 Policy = Literal["evict_lru", "evict_lfu", "grow", "fallback"]
 POLICIES: tuple[str, ...] = ("evict_lru", "evict_lfu", "grow", "fallback")
@@ -40,7 +59,7 @@ EMPTY = -1
 MAP_SEED = 0x51AB
 FALLBACK_SEED = 0xFA11
 CHOICES = 3  # hash slots per ID: 3-choice cuckoo inserts rarely kick below ~0.9 load
-MAX_KICK_ROUNDS = 64  # insert rounds before the table is rebuilt with a new seed
+MAX_KICK_ROUNDS = 64  # insert rounds (native: displacements per ID) before a rebuild
 REBUILDS_PER_SIZE = 4
 _I64 = torch.iinfo(torch.int64)
 SAMPLE = 1 << 16  # rows sampled to pick an eviction threshold before the exact selection
@@ -113,6 +132,8 @@ class IdMap(nn.Module):
             needs. A pass costs O(capacity), so freeing ahead amortises it over batches;
             0 evicts exactly what is needed.
         fallback_rows: rows of the hashed fallback table (`fallback` policy only).
+        native: use the native kernels (default: where built); False runs the torch-op
+            reference path, which gives the same slots and state.
     """
 
     def __init__(
@@ -123,6 +144,7 @@ class IdMap(nn.Module):
         max_load: float = 0.4,
         evict_chunk: float = 0.0,
         fallback_rows: int = 0,
+        native: bool = NATIVE,
     ) -> None:
         super().__init__()
         if policy not in POLICIES:
@@ -131,6 +153,9 @@ class IdMap(nn.Module):
             raise ValueError("the fallback policy needs fallback_rows > 0")
         if capacity <= 0 or not 0 < max_load <= 0.8:
             raise ValueError("capacity must be positive and max_load in (0, 0.8]")
+        if native and not NATIVE:
+            raise ValueError("the native ID map kernels are not built")
+        self.native = native
         self.policy = policy
         self.max_load = max_load
         self.evict_chunk = evict_chunk
@@ -181,6 +206,10 @@ class IdMap(nn.Module):
     def _hashes(self, ids: torch.Tensor) -> torch.Tensor:
         return hash64(ids, int(self.seed))
 
+    def _salt(self) -> int:
+        """The salt `_hashes` mixes into every ID, for the native kernels."""
+        return to_int64(mix64_int(int(self.seed) + 1))
+
     def _choice(self, h: torch.Tensor, j: int) -> torch.Tensor:
         """Hash slot number j of IDs with hashes h: `low + j * high` (double hashing; the
         odd step makes the choices distinct in a power-of-two array)."""
@@ -193,8 +222,14 @@ class IdMap(nn.Module):
         return [h & mask] + [(h + j * step) & mask for j in range(1, CHOICES)]
 
     def _probe(self, ids: torch.Tensor) -> torch.Tensor:
-        """Row slot per ID, -1 if absent: each round checks the next choice of the IDs not
-        found yet, and almost all are found at their first."""
+        """Row slot per ID, -1 if absent."""
+        if self.native:
+            return torch.ops.recsys_idmap.probe(self.keys, self.vals, ids, self._salt())
+        return self._probe_reference(ids)
+
+    def _probe_reference(self, ids: torch.Tensor) -> torch.Tensor:
+        """`_probe` in torch ops: each round checks the next choice of the IDs not found
+        yet, and almost all are found at their first."""
         h = self._hashes(ids)
         pos = h & (self.keys.numel() - 1)
         found = torch.where(
@@ -225,7 +260,19 @@ class IdMap(nn.Module):
         All write their key and the one whose key reads back wins the slot, so no two IDs
         ever share one; a displaced occupant becomes pending, kicking at its next choice.
         Pending state is one (id, row, choices..., kick) x n tensor: fewer ops per round.
+        The native kernel inserts one ID at a time instead, with a bounded random walk of
+        displacements per ID, so its hash slots differ but never its rows.
         """
+        if self.native:
+            return torch.ops.recsys_idmap.insert(
+                self.keys,
+                self.vals,
+                self.row_pos,
+                ids,
+                slots.to(torch.int64),
+                self._salt(),
+                MAX_KICK_ROUNDS,
+            )
         choices = self._choices(self._hashes(ids))
         pending = torch.stack([ids, slots.to(torch.int64), *choices, choices[0]])
         for _ in range(MAX_KICK_ROUNDS):
@@ -382,7 +429,12 @@ class IdMap(nn.Module):
         return torch.zeros(num_uniq, dtype=torch.bool).index_fill_(0, inverse[admit], True)
 
     def _touch(self, slots: torch.Tensor, now: int | torch.Tensor, served: int) -> None:
-        """Stamp the last-seen time and count one access on every row the batch used."""
+        """Stamp the last-seen time and count one access on every row the batch used;
+        per-ID times keep each row's latest."""
+        if self.native:
+            times = now.reshape(-1) if isinstance(now, torch.Tensor) else torch.tensor([now])
+            torch.ops.recsys_idmap.touch(self.last_seen, self.counts, slots, times.long())
+            return
         rows = slots if served == slots.numel() else slots[slots >= 0]
         if isinstance(now, torch.Tensor) and now.numel() > 1:
             times = now.reshape(-1).to(torch.int64)

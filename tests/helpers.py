@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import faulthandler
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from pipelines.build import load_trained
 from recsys.batch import BatchConverter
@@ -18,6 +24,39 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def gloo_group(rank: int, world: int, port: int, timeout_s: int = 120) -> Iterator[None]:
+    """One test rank's gloo process group on loopback, at one thread. Ranks meet at a barrier
+    before tearing it down, so no rank closes its sockets while a peer still works over them;
+    a rank that aborts in native code prints its Python stack."""
+    faulthandler.enable()
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def copy_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Give a sharded model an unsharded one's state: each local shard its slice of it."""
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if not isinstance(value, ShardedTensor):
+                value.copy_(full[key])
+                continue
+            for shard in value.local_shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(full[key][r0 : r0 + nr, c0 : c0 + nc])
 
 
 def trained_probabilities(run: str | Path, data: Path) -> np.ndarray:

@@ -11,7 +11,6 @@ and 1 -> 2 ranks) and must hold the same per-ID state and train on as the saved 
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from tables.collisionless import (
 from tables.pooled import PooledEmbeddings, TableSpec
 from tables.sharding import combined_optimizer, shard_model
 from tables.transforms import ModuloHash
-from tests.helpers import free_port
+from tests.helpers import free_port, gloo_group
 
 DIM = 8
 CAPACITY = 64  # rows per rank at 2 ranks
@@ -452,15 +451,7 @@ def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, port: int, out: str, restore_from: str | None) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
-    try:
+    with gloo_group(rank, world, port):
         if restore_from is None:
             result = _train(rank, world, Path(out).parent / "checkpoint")
         else:
@@ -469,8 +460,6 @@ def _worker(rank: int, world: int, port: int, out: str, restore_from: str | None
         dist.all_gather_object(everyone, result)
         if rank == 0:
             Path(out).write_text(json.dumps(_merge(everyone)))
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(world: int, out: Path, restore_from: Path | None = None) -> dict[str, Any]:

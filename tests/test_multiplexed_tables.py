@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pipelines.build import build_model, load_trained, save_vocabularies
@@ -31,7 +29,7 @@ from tables.budget import budget_tables, full_parameters
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
 from tables.sharding import combined_optimizer, shard_model
 from tables.vocab import build_vocabularies
-from tests.helpers import free_port
+from tests.helpers import copy_full_state, free_port, gloo_group
 from tests.small_log import small_features, small_table
 
 DIM = 4
@@ -219,60 +217,47 @@ class _Head(nn.Module):
 
 
 def _sharding_worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
-    cfg, vocab = _cfg(), {"s_single": np.arange(0, 2**40, 2**33)}
-    torch.manual_seed(0)
-    reference = _Head(cfg, vocab)
-    torch.manual_seed(1)
-    model = shard_model(
-        _Head(cfg, vocab), SHARDING, "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
-    )
-    with torch.no_grad():
-        full = reference.state_dict()
-        for key, value in model.state_dict().items():
-            if not isinstance(value, ShardedTensor):
-                value.copy_(full[key])
-                continue
-            for shard in value.local_shards():
-                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(full[key][r0 : r0 + nr, c0 : c0 + nc])
-    optimizer = combined_optimizer(model, "sgd", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1))
-    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    with gloo_group(rank, WORLD, port):
+        cfg, vocab = _cfg(), {"s_single": np.arange(0, 2**40, 2**33)}
+        torch.manual_seed(0)
+        reference = _Head(cfg, vocab)
+        torch.manual_seed(1)
+        model = shard_model(
+            _Head(cfg, vocab), SHARDING, "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
+        )
+        copy_full_state(model, reference.state_dict())
+        optimizer = combined_optimizer(model, "sgd", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1))
+        reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
 
-    batch = BatchConverter(cfg.features)(small_table(8, 2)).sparse
-    local = BatchConverter(cfg.features)(small_table(8, 2).slice(4 * rank, 4)).sparse
-    weights = torch.randn(
-        8, sum(reference.sparse.feature_dims), generator=torch.Generator().manual_seed(0)
-    )
-    errors = []
-    for step in range(3):
-        pooled, logits = model(local)
-        expected, expected_logits = reference(batch)
-        for name, got, want in (("pooled", pooled, expected), ("logits", logits, expected_logits)):
-            if not torch.allclose(got, want[4 * rank : 4 * rank + 4], atol=1e-5):
-                errors.append(f"rank {rank} step {step}: {name} differs")
-        optimizer.zero_grad()
-        ((pooled * weights[4 * rank : 4 * rank + 4]).sum() + logits.sum()).backward()
-        optimizer.step()
-        reference_optimizer.zero_grad()
-        (((expected * weights).sum() + expected_logits.sum()) / WORLD).backward()
-        reference_optimizer.step()
-    plan = model.plan.plan["sparse.ebc"]
-    ranks = sorted(s.placement.rank() for s in plan["mux"].sharding_spec.shards)
-    if plan["mux"].sharding_type != "row_wise" or ranks != [0, 1]:
-        errors.append(f"mux planned {plan['mux'].sharding_type} on ranks {ranks}")
-    everyone: list = [None] * WORLD
-    dist.all_gather_object(everyone, errors)
-    if rank == 0:
-        Path(out).write_text(json.dumps([e for part in everyone for e in part]))
-    dist.destroy_process_group()
+        batch = BatchConverter(cfg.features)(small_table(8, 2)).sparse
+        local = BatchConverter(cfg.features)(small_table(8, 2).slice(4 * rank, 4)).sparse
+        weights = torch.randn(
+            8, sum(reference.sparse.feature_dims), generator=torch.Generator().manual_seed(0)
+        )
+        errors = []
+        for step in range(3):
+            pooled, logits = model(local)
+            expected, expected_logits = reference(batch)
+            for name, got, want in (
+                ("pooled", pooled, expected),
+                ("logits", logits, expected_logits),
+            ):
+                if not torch.allclose(got, want[4 * rank : 4 * rank + 4], atol=1e-5):
+                    errors.append(f"rank {rank} step {step}: {name} differs")
+            optimizer.zero_grad()
+            ((pooled * weights[4 * rank : 4 * rank + 4]).sum() + logits.sum()).backward()
+            optimizer.step()
+            reference_optimizer.zero_grad()
+            (((expected * weights).sum() + expected_logits.sum()) / WORLD).backward()
+            reference_optimizer.step()
+        plan = model.plan.plan["sparse.ebc"]
+        ranks = sorted(s.placement.rank() for s in plan["mux"].sharding_spec.shards)
+        if plan["mux"].sharding_type != "row_wise" or ranks != [0, 1]:
+            errors.append(f"mux planned {plan['mux'].sharding_type} on ranks {ranks}")
+        everyone: list = [None] * WORLD
+        dist.all_gather_object(everyone, errors)
+        if rank == 0:
+            Path(out).write_text(json.dumps([e for part in everyone for e in part]))
 
 
 def test_sharded_equals_unsharded(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from pipelines.checkpoint import save_checkpoint
 from pipelines.export import export
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
-from recsys.serving import ServingModel
+from recsys.serving import ServingModel, load_tables
 from tables.collisionless import (
     bind_ownership,
     collisionless_transforms,
@@ -37,8 +36,8 @@ from tables.collisionless import (
 from tables.ownership import hash64
 from tables.sequence_collisionless import SharedRowsTransform
 from tables.sharding import combined_optimizer, shard_model
-from tests.helpers import free_port
-from tests.test_sequence_tables import POSITIONS, _copy_full_state, seq_doc
+from tests.helpers import copy_full_state, free_port, gloo_group
+from tests.test_sequence_tables import POSITIONS, seq_doc
 
 ITEM_POOL = 10**12 + np.arange(40, dtype=np.int64) * 7919  # raw IDs far from any row number
 CAPACITY = 64
@@ -190,6 +189,50 @@ def test_dare_trains_and_round_trips_through_checkpoint_and_export(tmp_path: Pat
     np.testing.assert_allclose(served.column("prob").to_numpy(), expected, atol=1e-6)
 
 
+def test_incremental_export_applies_to_its_base(tmp_path: Path) -> None:
+    """Export after 4 steps, train 4 more on new items (which evict old ones), export since
+    the first: base + delta serves as the full export does, in both role tables, and the
+    delta holds only the rows trained since, plus the evicted IDs as deletions."""
+    cfg = cl_cfg(item_min_count=1)
+    model = build(cfg)
+    run = tmp_path / "run"
+    (run / "config.yaml").parent.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    save_vocabularies(run, {})
+    # SGD: as fbgemm's sparse optimizers, it moves only the rows a batch reads (Adam's
+    # momentum would keep moving rows untouched since, which no delta could carry)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    convert = BatchConverter(cfg.features)
+    new_items = 2 * 10**12 + np.arange(30, dtype=np.int64)
+    for step in range(8):
+        batch = convert(log(32, seed=10 + step, pool=ITEM_POOL if step < 4 else new_items))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step in (3, 7):
+            (run / f"checkpoint_{step + 1:08d}").mkdir()
+            save_checkpoint(run / f"checkpoint_{step + 1:08d}", model, optimizer, {"step": step})
+    export(run / "checkpoint_00000004", tmp_path / "base")
+    export(run, tmp_path / "delta", since=tmp_path / "base")
+    export(run, tmp_path / "full")
+
+    manifest = json.loads((tmp_path / "delta" / "manifest.json").read_text())
+    deltas = {e["name"]: e for e in manifest["tables"] if e.get("delta")}
+    assert set(deltas) == {"item@att", "item@rep", "category@att", "category@rep"}
+    full, applied = load_tables(tmp_path / "full"), load_tables(tmp_path / "delta")
+    for name in deltas:
+        assert torch.equal(applied[name].ids, full[name].ids), name
+        assert torch.equal(applied[name].weights, full[name].weights), name
+    assert deltas["item@rep"]["deleted"] > 0  # old items evicted by the new ones
+    assert deltas["item@rep"]["rows"] < len(full["item@rep"].ids)  # old items not retrained
+    data = pa.concat_tables([log(40, seed=30), log(40, seed=31, pool=new_items)])
+    pq.write_table(data, tmp_path / "log.parquet")
+    served = ServingModel(tmp_path / "delta").predict(tmp_path / "log.parquet")
+    expected = ServingModel(tmp_path / "full").predict(tmp_path / "log.parquet")
+    np.testing.assert_array_equal(served.column("prob"), expected.column("prob"))
+
+
 def _set(index: int, **changes: Any) -> dict[str, Any]:
     doc = cl_doc()
     doc["tables"][index] |= changes
@@ -245,61 +288,57 @@ def _rows_by_id(model: torch.nn.Module, name: str) -> dict[str, dict[int, list[f
 def _two_rank_worker(rank: int, port: int, out: str) -> None:
     """Rank `rank` of a DMP-sharded DARE over collisionless tables, against an unsharded
     model holding every shard, trained on the whole batch in the same process."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=120),
-    )
-    cfg = config_from_dict(cl_doc() | {"train": {"workers": WORLD}})
-    reference = build(cfg).eval()  # eval: BatchNorm uses running stats on both sides
-    model = build_model(cfg, {}, table_device=torch.device("meta"))
-    bind_ownership(model, rank, dist.new_group(backend="gloo"))
-    model = shard_model(
-        model, table_sharding(reference), "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
-    )
-    _copy_full_state(model, reference.state_dict())
-    model.eval()
-    for m in (*collisionless_transforms(model), *collisionless_transforms(reference)):
-        m.train()  # admission on
-    optimizer = combined_optimizer(model, "sgd", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1))
-    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    convert = BatchConverter(cfg.features)
-    errors = []
-    for step in range(3):
-        table = log(16, seed=20 + step)
-        full, local = convert(table), convert(table.slice(8 * rank, 8))
-        logits, expected = model(local), reference(full)
-        if not torch.allclose(logits, expected[8 * rank : 8 * rank + 8], atol=1e-5):
-            errors.append(f"rank {rank} step {step}: logits differ")
-        optimizer.zero_grad()
-        logits.sum().backward()
-        optimizer.step()
-        reference_optimizer.zero_grad()
-        (expected.sum() / WORLD).backward()
-        reference_optimizer.step()
-    report = table_report(model.module.sequence, dist.group.WORLD)
-    expected_report = table_report(reference.sequence)
-    for name in ("item", "category"):
-        for key in ("lookups", "admitted", "filtered", "live_rows", "row_bytes"):
-            if report[name][key] != expected_report[name][key]:
-                errors.append(f"{name} {key}: {report[name][key]} != {expected_report[name][key]}")
-    held: list[Any] = [None] * WORLD
-    dist.all_gather_object(held, {n: _rows_by_id(model.module, n) for n in ("item", "category")})
-    everyone: list[Any] = [None] * WORLD
-    dist.all_gather_object(everyone, errors)
-    if rank == 0:
+    with gloo_group(rank, WORLD, port):
+        cfg = config_from_dict(cl_doc() | {"train": {"workers": WORLD}})
+        reference = build(cfg).eval()  # eval: BatchNorm uses running stats on both sides
+        model = build_model(cfg, {}, table_device=torch.device("meta"))
+        bind_ownership(model, rank, dist.new_group(backend="gloo"))
+        model = shard_model(
+            model, table_sharding(reference), "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
+        )
+        copy_full_state(model, reference.state_dict())
+        model.eval()
+        for m in (*collisionless_transforms(model), *collisionless_transforms(reference)):
+            m.train()  # admission on
+        optimizer = combined_optimizer(model, "sgd", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1))
+        reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+        convert = BatchConverter(cfg.features)
+        errors = []
+        for step in range(3):
+            table = log(16, seed=20 + step)
+            full, local = convert(table), convert(table.slice(8 * rank, 8))
+            logits, expected = model(local), reference(full)
+            if not torch.allclose(logits, expected[8 * rank : 8 * rank + 8], atol=1e-5):
+                errors.append(f"rank {rank} step {step}: logits differ")
+            optimizer.zero_grad()
+            logits.sum().backward()
+            optimizer.step()
+            reference_optimizer.zero_grad()
+            (expected.sum() / WORLD).backward()
+            reference_optimizer.step()
+        report = table_report(model.module.sequence, dist.group.WORLD)
+        expected_report = table_report(reference.sequence)
         for name in ("item", "category"):
-            for table, rows in _rows_by_id(reference, name).items():
-                sharded = {**held[0][name][table], **held[1][name][table]}
-                if sharded.keys() != rows.keys():
-                    everyone[0].append(f"{table}: other live IDs")
-                elif not all(np.allclose(sharded[i], r, atol=1e-5) for i, r in rows.items()):
-                    everyone[0].append(f"{table}: rows differ")
-        Path(out).write_text(json.dumps([e for part in everyone for e in part]))
-    dist.destroy_process_group()
+            for key in ("lookups", "admitted", "filtered", "live_rows", "row_bytes"):
+                if report[name][key] != expected_report[name][key]:
+                    errors.append(
+                        f"{name} {key}: {report[name][key]} != {expected_report[name][key]}"
+                    )
+        held: list[Any] = [None] * WORLD
+        dist.all_gather_object(
+            held, {n: _rows_by_id(model.module, n) for n in ("item", "category")}
+        )
+        everyone: list[Any] = [None] * WORLD
+        dist.all_gather_object(everyone, errors)
+        if rank == 0:
+            for name in ("item", "category"):
+                for table, rows in _rows_by_id(reference, name).items():
+                    sharded = {**held[0][name][table], **held[1][name][table]}
+                    if sharded.keys() != rows.keys():
+                        everyone[0].append(f"{table}: other live IDs")
+                    elif not all(np.allclose(sharded[i], r, atol=1e-5) for i, r in rows.items()):
+                        everyone[0].append(f"{table}: rows differ")
+            Path(out).write_text(json.dumps([e for part in everyone for e in part]))
 
 
 @pytest.mark.slow  # two spawned ranks with torchrec imports: about a minute on 2 cores
@@ -314,51 +353,54 @@ def test_two_ranks_equal_one_unsharded_model(tmp_path: Path) -> None:
 def _reuse_worker(rank: int, port: int, out: str) -> None:
     """One DMP rank with row-wise Adagrad: rows taken from evicted IDs start over in both
     role tables (hashed initial weights, zero optimizer state) before their first lookup."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    doc = cl_doc(item_min_count=1)
-    doc["tables"][0]["capacity"] = 32
-    cfg = config_from_dict(doc)
-    model = build_model(cfg, {}, table_device=torch.device("meta"))
-    bind_ownership(model, 0, dist.new_group(backend="gloo"))
-    dmp = shard_model(
-        model, table_sharding(model), "rowwise_adagrad", 0.1, dist.group.WORLD, torch.device("cpu")
-    )
-    optimizer = combined_optimizer(
-        dmp, "rowwise_adagrad", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1)
-    )
-    convert = BatchConverter(cfg.features)
-    sequence, errors = dmp.module.sequence, []
-    transform = sequence.transforms["item"]
-    storage = {t: table_storage(sequence.collection_of(t), t) for t in transform.storage_tables}
-    first = convert(log(16, seed=1, pool=ITEM_POOL[:20]))
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(first), first.labels)
-    loss.backward()
-    optimizer.step()
-    before = dict(zip(*(t.tolist() for t in transform.live_rows()), strict=True))
-    trained = {t: states[0].clone() for t, (_, states, _) in storage.items()}
-    dmp(convert(log(16, seed=2, pool=ITEM_POOL[20:])))
-    ids, rows = transform.live_rows()
-    reused = torch.tensor(
-        [
-            i not in before and r in before.values()
-            for i, r in zip(*(ids.tolist(), rows.tolist()), strict=True)
-        ]
-    )
-    if not reused.any():
-        errors.append("no row was reused")
-    for k, (table, (weight, states, _)) in enumerate(storage.items()):
-        at = rows[reused]
-        if not trained[table][at].abs().sum() > 0:
-            errors.append(f"{table}: the reused rows had no optimizer state to clear")
-        salted = ids[reused] if k == 0 else hash64(ids[reused], 0x5EC0 + k)
-        init = initial_rows(salted, weight.shape[1], transform.init_bound)
-        if not torch.equal(weight[at], init):
-            errors.append(f"{table}: reused rows not re-initialized")
-        if states[0][at].abs().sum() != 0:
-            errors.append(f"{table}: optimizer state of reused rows not zeroed")
-    Path(out).write_text(json.dumps(errors))
-    dist.destroy_process_group()
+    with gloo_group(rank, 1, port):
+        doc = cl_doc(item_min_count=1)
+        doc["tables"][0]["capacity"] = 32
+        cfg = config_from_dict(doc)
+        model = build_model(cfg, {}, table_device=torch.device("meta"))
+        bind_ownership(model, 0, dist.new_group(backend="gloo"))
+        dmp = shard_model(
+            model,
+            table_sharding(model),
+            "rowwise_adagrad",
+            0.1,
+            dist.group.WORLD,
+            torch.device("cpu"),
+        )
+        optimizer = combined_optimizer(
+            dmp, "rowwise_adagrad", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1)
+        )
+        convert = BatchConverter(cfg.features)
+        sequence, errors = dmp.module.sequence, []
+        transform = sequence.transforms["item"]
+        storage = {t: table_storage(sequence.collection_of(t), t) for t in transform.storage_tables}
+        first = convert(log(16, seed=1, pool=ITEM_POOL[:20]))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(first), first.labels)
+        loss.backward()
+        optimizer.step()
+        before = dict(zip(*(t.tolist() for t in transform.live_rows()), strict=True))
+        trained = {t: states[0].clone() for t, (_, states, _) in storage.items()}
+        dmp(convert(log(16, seed=2, pool=ITEM_POOL[20:])))
+        ids, rows = transform.live_rows()
+        reused = torch.tensor(
+            [
+                i not in before and r in before.values()
+                for i, r in zip(*(ids.tolist(), rows.tolist()), strict=True)
+            ]
+        )
+        if not reused.any():
+            errors.append("no row was reused")
+        for k, (table, (weight, states, _)) in enumerate(storage.items()):
+            at = rows[reused]
+            if not trained[table][at].abs().sum() > 0:
+                errors.append(f"{table}: the reused rows had no optimizer state to clear")
+            salted = ids[reused] if k == 0 else hash64(ids[reused], 0x5EC0 + k)
+            init = initial_rows(salted, weight.shape[1], transform.init_bound)
+            if not torch.equal(weight[at], init):
+                errors.append(f"{table}: reused rows not re-initialized")
+            if states[0][at].abs().sum() != 0:
+                errors.append(f"{table}: optimizer state of reused rows not zeroed")
+        Path(out).write_text(json.dumps(errors))
 
 
 def test_reused_rows_start_over_in_both_sharded_tables(tmp_path: Path) -> None:

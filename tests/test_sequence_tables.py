@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from models.sequence_ranking import SequenceRankingModel
 from pipelines.build import build_model, save_vocabularies, table_sharding
@@ -27,7 +25,7 @@ from recsys.batch import Batch, BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
 from recsys.serving import ServingModel
 from tables.sharding import combined_optimizer, shard_model
-from tests.helpers import free_port
+from tests.helpers import copy_full_state, free_port, gloo_group
 
 ITEM_ROWS, POSITIONS = 50, 6
 CATEGORIES = np.arange(0, 140, 7, dtype=np.int64)  # the category vocabulary (20 IDs)
@@ -288,59 +286,40 @@ WORLD = 2
 SHARDING = {"item@att": "row_wise", "item@rep": "table_wise", "category@rep": "column_wise"}
 
 
-def _copy_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for key, value in model.state_dict().items():
-            if not isinstance(value, ShardedTensor):
-                value.copy_(full[key])
-                continue
-            for shard in value.local_shards():
-                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(full[key][r0 : r0 + nr, c0 : c0 + nc])
-
-
 def _sharding_worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=120),
-    )
-    cfg = seq_cfg("dare", decoupled=True)
-    reference = build(cfg, seed=0).eval()  # eval: BatchNorm uses running stats on both sides
-    sharding = {**table_sharding(reference), **SHARDING}
-    model = shard_model(
-        build(cfg, seed=1), sharding, "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
-    )
-    _copy_full_state(model, reference.state_dict())
-    model.eval()
-    optimizer = combined_optimizer(model, "sgd", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1))
-    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-    table = arrow_log(8, seed=11)
-    convert = BatchConverter(cfg.features)
-    full, local = convert(table), convert(table.slice(4 * rank, 4))
-    errors = []
-    for step in range(3):
-        logits, expected = model(local), reference(full)
-        if not torch.allclose(logits, expected[4 * rank : 4 * rank + 4], atol=1e-5):
-            errors.append(f"rank {rank} step {step}: logits differ")
-        optimizer.zero_grad()
-        logits.sum().backward()
-        optimizer.step()
-        reference_optimizer.zero_grad()
-        (expected.sum() / WORLD).backward()
-        reference_optimizer.step()
-    plans = {t: p for module in model.plan.plan.values() for t, p in module.items()}  # type: ignore[union-attr]
-    for name, kind in SHARDING.items():
-        if plans[name].sharding_type != kind:
-            errors.append(f"{name} planned {plans[name].sharding_type}, not {kind}")
-    everyone: list = [None] * WORLD
-    dist.all_gather_object(everyone, errors)
-    if rank == 0:
-        Path(out).write_text(json.dumps([e for part in everyone for e in part]))
-    dist.destroy_process_group()
+    with gloo_group(rank, WORLD, port):
+        cfg = seq_cfg("dare", decoupled=True)
+        reference = build(cfg, seed=0).eval()  # eval: BatchNorm uses running stats on both sides
+        sharding = {**table_sharding(reference), **SHARDING}
+        model = shard_model(
+            build(cfg, seed=1), sharding, "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
+        )
+        copy_full_state(model, reference.state_dict())
+        model.eval()
+        optimizer = combined_optimizer(model, "sgd", 0.1, lambda ps: torch.optim.SGD(ps, lr=0.1))
+        reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+        table = arrow_log(8, seed=11)
+        convert = BatchConverter(cfg.features)
+        full, local = convert(table), convert(table.slice(4 * rank, 4))
+        errors = []
+        for step in range(3):
+            logits, expected = model(local), reference(full)
+            if not torch.allclose(logits, expected[4 * rank : 4 * rank + 4], atol=1e-5):
+                errors.append(f"rank {rank} step {step}: logits differ")
+            optimizer.zero_grad()
+            logits.sum().backward()
+            optimizer.step()
+            reference_optimizer.zero_grad()
+            (expected.sum() / WORLD).backward()
+            reference_optimizer.step()
+        plans = {t: p for module in model.plan.plan.values() for t, p in module.items()}  # type: ignore[union-attr]
+        for name, kind in SHARDING.items():
+            if plans[name].sharding_type != kind:
+                errors.append(f"{name} planned {plans[name].sharding_type}, not {kind}")
+        everyone: list = [None] * WORLD
+        dist.all_gather_object(everyone, errors)
+        if rank == 0:
+            Path(out).write_text(json.dumps([e for part in everyone for e in part]))
 
 
 @pytest.mark.slow  # two spawned ranks with torchrec imports: about a minute on 2 cores

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ from tables.sharding import (
     sharding_constraints,
     sparse_optimizer_spec,
 )
-from tests.helpers import free_port
+from tests.helpers import free_port, gloo_group
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -460,15 +459,7 @@ def _run_case(case: Case, rank: int) -> list[str]:
 
 def _worker(rank: int, port: int, out_path: str) -> None:
     """One rank: run every case, then rank 0 writes all ranks' mismatches as JSON."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, WORLD_SIZE, port):
         results: dict[str, list[str]] = {}
         for case in CASES:
             try:
@@ -480,8 +471,6 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         if rank == 0:
             merged = {c.name: [e for r in gathered if r for e in r[c.name]] for c in CASES}
             Path(out_path).write_text(json.dumps(merged))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
