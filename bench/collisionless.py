@@ -9,6 +9,8 @@ load from other processes hits them alike:
 
 - ours: `IdMap.lookup_or_insert` (policy evict_lru, each eviction pass frees 1/64 of the
   rows ahead of need), stats per load factor; "lookup only" is `IdMap.lookup` afterwards;
+  the native kernels run where built, and `--torch-ops` adds the map on its torch-op
+  reference path as a further contender (what the kernels replace);
 - a Python dict (`setdefault` per ID, tensor -> list -> tensor); it has no capacity, so it
   never evicts and keeps no last-seen times or counts: a generous baseline;
 - torchrec `MCHManagedCollisionModule` (LRU, eviction_interval=1 so new IDs get rows in the
@@ -21,6 +23,7 @@ rows, against the row's own 256 bytes (dim 64 float32).
 
     python bench/collisionless.py            # 10^7 distinct IDs, 2^22 rows; about a minute
     python bench/collisionless.py --quick    # 10^6 distinct IDs, 2^18 rows; under a minute
+    python bench/collisionless.py --torch-ops  # also the torch-op path the kernels replace
 
 Goals (issue 4): >= 10x MCH, >= 2x the dict, within 2x of EmbeddingBag (ratio >= 0.5),
 overhead <= 1.5x the row bytes. Ratios use the worst load factor. Last line:
@@ -39,7 +42,7 @@ from torchrec.modules.mc_modules import LRU_EvictionPolicy, MCHManagedCollisionM
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from tables import hugepages
-from tables.idmap import IdMap, MapStats
+from tables.idmap import NATIVE, IdMap, MapStats
 from tables.ownership import hash64
 
 LOAD_FACTORS = (0.5, 0.75, 1.0)
@@ -79,9 +82,9 @@ def rates(contenders: dict[str, Run], batches: list[torch.Tensor]) -> dict[str, 
     return {name: timed / s for name, s in seconds.items()}
 
 
-def prefilled_map(capacity: int, prefill: torch.Tensor, chunk: int) -> IdMap:
+def prefilled_map(capacity: int, prefill: torch.Tensor, chunk: int, native: bool = NATIVE) -> IdMap:
     """Map holding `prefill` (most popular first, so the most popular are the most recent)."""
-    idmap = IdMap(capacity, "evict_lru", evict_chunk=EVICT_CHUNK)
+    idmap = IdMap(capacity, "evict_lru", evict_chunk=EVICT_CHUNK, native=native)
     pieces = prefill.flip(0).split(chunk)
     for t, piece in enumerate(pieces, start=-len(pieces)):
         idmap.lookup_or_insert(piece, None, t)
@@ -137,7 +140,12 @@ def embedding_bag(rows: int, batch: int) -> Run:
 
 
 def measure(
-    load: float, capacity: int, batches: list[torch.Tensor], bag: Run, mch_batches: int
+    load: float,
+    capacity: int,
+    batches: list[torch.Tensor],
+    bag: Run,
+    mch_batches: int,
+    torch_ops: bool,
 ) -> dict[str, float]:
     """Rates at one load factor, printed; returns ours/dict, ours/MCH, ours/bag, overhead."""
     prefill = raw_ids(torch.arange(int(load * capacity)))
@@ -148,7 +156,11 @@ def measure(
         nonlocal stats
         stats += idmap.lookup_or_insert(batch, None, t).stats
 
-    got = rates({"ours": ours, "dict": dict_map(prefill), "bag": bag}, batches)
+    contenders = {"ours": ours, "dict": dict_map(prefill), "bag": bag}
+    if torch_ops:
+        reference = prefilled_map(capacity, prefill, batches[0].numel(), native=False)
+        contenders["torch_ops"] = lambda batch, t: reference.lookup_or_insert(batch, None, t)
+    got = rates(contenders, batches)
     lookup = rates({"lookup": lambda batch, _: idmap.lookup(batch)}, batches)["lookup"]
     map_bytes, live = sum(idmap.state_bytes().values()), idmap.num_live
     mch = rates({"mch": mch_map(capacity, prefill)}, batches[: mch_batches + 1])["mch"]
@@ -164,6 +176,11 @@ def measure(
         f"{got['bag'] / 1e6:.2f}M/s | x{out['dict']:.1f} dict, x{out['mch']:.1f} MCH, "
         f"x{out['bag']:.2f} EmbeddingBag"
     )
+    if torch_ops:
+        print(
+            f"  the map on torch ops: {got['torch_ops'] / 1e6:.2f}M/s; the native kernels "
+            f"x{got['ours'] / got['torch_ops']:.2f}"
+        )
     n = len(batches)
     print(
         f"  per batch: hits {stats.hits / stats.lookups:.2%}, admitted {stats.admitted / n:,.0f}"
@@ -182,6 +199,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per load factor")
     parser.add_argument("--mch-batches", type=int, default=3, help="timed batches for MCH")
     parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent")
+    parser.add_argument(
+        "--torch-ops", action="store_true", help="also time the map's torch-op reference path"
+    )
     args = parser.parse_args()
     distinct = args.distinct or (10**6 if args.quick else 10**7)
     capacity = args.capacity or (1 << 18 if args.quick else 1 << 22)
@@ -196,7 +216,10 @@ def main() -> None:
         f"(the {capacity:,} most popular IDs draw {head:.1%} of lookups)"
     )
     bag = embedding_bag(capacity, args.batch)
-    runs = [measure(load, capacity, batches, bag, args.mch_batches) for load in LOAD_FACTORS]
+    runs = [
+        measure(load, capacity, batches, bag, args.mch_batches, args.torch_ops)
+        for load in LOAD_FACTORS
+    ]
     ratio, vs_mch, vs_bag = (min(r[k] for r in runs) for k in ("dict", "mch", "bag"))
     overhead = max(r["overhead"] for r in runs)
     print(
