@@ -321,7 +321,35 @@ def _tables_of(model: torch.nn.Module) -> torch.nn.Module:
     return sparse if sparse is not None else model.sequence  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def _average_norm_statistics(model: torch.nn.Module) -> None:
+    """Average the BatchNorm running statistics over the workers (a collective call).
+
+    torchrec's DMP wraps the dense part in DDP without buffer broadcasts, so each worker's
+    BatchNorm layers track the statistics of its own data. Averaging them before validation
+    and before every checkpoint makes all workers score with, and every checkpoint hold,
+    the same statistics, so `recsys evaluate` reproduces the validation training reports.
+    """
+    if dist.get_world_size() == 1:
+        return
+    stats = [
+        buffer
+        for module in model.modules()
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats
+        for buffer in (module.running_mean, module.running_var)
+        if buffer is not None
+    ]
+    if not stats:
+        return
+    flat = torch.cat([s.reshape(-1) for s in stats])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for s, averaged in zip(stats, flat.split([s.numel() for s in stats]), strict=True):
+        s.copy_(averaged.view_as(s))
+
+
 def _report(metrics: dict[str, Any], model: Any, optimizer: Any, progress: dict[str, Any]) -> None:
+    _average_norm_statistics(model)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), model, optimizer, progress)
         ray.train.report(
@@ -427,6 +455,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
     final = {**meter.snapshot(progress["step"], progress["epoch"])} if meter.labels else {}
     if valid_shard is not None:
+        _average_norm_statistics(dmp)
         valid = _gather_predictions(dmp, valid_shard, cfg, device)
         if len(valid["labels"]):
             scores = evaluate_predictions(valid["labels"], valid["probs"], valid["groups"])

@@ -165,7 +165,8 @@ class TableConfig(_Strict):
     ttl: PositiveInt | None = None
     evict_every: PositiveInt = 3600
     # collisionless: when no row is free, evict the least recently / least often seen rows.
-    policy: Literal["evict_lru", "evict_lfu"] = "evict_lru"
+    # (The ID map's `grow` and `fallback` policies are refused for tables, see below.)
+    policy: Literal["evict_lru", "evict_lfu", "grow", "fallback"] = "evict_lru"
     # collisionless: count-min filter cells per row of its 4 and worker (power of two; default:
     # the smallest power of two >= 2 * capacity), spread over the worker's buckets (a power
     # of two per bucket) so that a checkpoint restores onto any number of workers; only used
@@ -249,6 +250,13 @@ class TableConfig(_Strict):
                 # Pruned and unadmitted IDs read the default outside the masked pooling,
                 # which would have to count them for a mean.
                 raise ValueError(f"{kind} pools by sum; pooling {self.pooling!r} is not supported")
+        if self.policy in ("grow", "fallback"):
+            raise ValueError(
+                f"{kind} cannot use policy {self.policy!r}: its sharded torchrec table has a "
+                "fixed number of rows per worker and serving reads unknown IDs as the default "
+                "embedding; use evict_lru or evict_lfu, and to grow, resume with a larger "
+                "capacity (live rows move exactly)"
+            )
         if self.capacity is None:
             raise ValueError(f"{kind} needs capacity (rows per worker)")
         if self.num_embeddings is not None:

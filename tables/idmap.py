@@ -17,10 +17,11 @@ least frequently seen rows not used by the current batch, `grow` doubles the cap
 (slots never move, so the caller only appends rows), `fallback` serves the overflow from a
 separate hashed table and reports it. Every outcome is counted in `MapStats`.
 
-The two per-ID loops of every batch, the probe and the last-seen/count stamp, run in a
-native kernel (tables/csrc, built at install) that stops at an ID's first matching choice
-and keeps many IDs' memory reads in flight; the same operations in torch ops remain as the
-reference it is tested against, and run where the kernel is not built.
+The per-ID loops of every batch (probe, insert of new IDs, last-seen/count stamp) and the
+choice of rows to evict run in native kernels (tables/csrc, built at install) that stop at
+an ID's first matching choice and keep many IDs' memory reads in flight; the same
+operations in torch ops remain as the reference they are tested against, and run where the
+kernels are not built.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class IdMap(nn.Module):
             0 evicts exactly what is needed.
         fallback_rows: rows of the hashed fallback table (`fallback` policy only).
         native: use the native kernels (default: where built); False runs the torch-op
-            reference path, which gives the same slots and state.
+            reference path, which gives the same rows and row state (IDs may sit in other
+            hash slots: the inserts walk differently).
     """
 
     def __init__(
@@ -484,9 +486,12 @@ class IdMap(nn.Module):
         Rows the current batch reads are never candidates (they are marked dead for the
         selection), so a batch never sees its own rows taken away.
         """
+        scores = [self.last_seen] if self.policy == "evict_lru" else [self.counts, self.last_seen]
+        if self.native:
+            rows = torch.ops.recsys_idmap.lowest(self.live, batch_slots, scores, target)
+            return self._free_rows(rows)
         used = batch_slots[batch_slots >= 0]
         self.live.index_fill_(0, used, False)
-        scores = [self.last_seen] if self.policy == "evict_lru" else [self.counts, self.last_seen]
         rows = self._lowest(scores, target)
         self.live.index_fill_(0, used, True)
         return self._free_rows(rows)

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -42,7 +41,7 @@ from tables.collisionless import (
 from tables.pooled import PooledEmbeddings, TableSpec
 from tables.sharding import combined_optimizer, shard_model
 from tables.transforms import ModuloHash
-from tests.helpers import free_port, gloo_group
+from tests.helpers import gloo_group, spawn_ranks
 
 DIM = 8
 CAPACITY = 64  # rows per rank at 2 ranks
@@ -450,7 +449,7 @@ def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def _worker(rank: int, world: int, port: int, out: str, restore_from: str | None) -> None:
+def _worker(rank: int, port: int, world: int, out: str, restore_from: str | None) -> None:
     with gloo_group(rank, world, port):
         if restore_from is None:
             result = _train(rank, world, Path(out).parent / "checkpoint")
@@ -464,9 +463,7 @@ def _worker(rank: int, world: int, port: int, out: str, restore_from: str | None
 
 def _spawn(world: int, out: Path, restore_from: Path | None = None) -> dict[str, Any]:
     source = None if restore_from is None else str(restore_from)
-    mp.start_processes(
-        _worker, args=(world, free_port(), str(out), source), nprocs=world, start_method="spawn"
-    )
+    spawn_ranks(_worker, world, world, str(out), source)
     return json.loads(out.read_text())
 
 

@@ -163,11 +163,16 @@ def test_native_kernels_are_built() -> None:
 
 
 @pytest.mark.parametrize("policy", ["evict_lru", "evict_lfu"])
-def test_native_kernels_equal_the_torch_ops_path(policy: str) -> None:
-    """Same slots, stats and row state, batch by batch, with per-ID event times (a row keeps
-    its latest) and a scalar time, at load 1.0 with evictions. Only where an ID sits in the
+@pytest.mark.parametrize(("capacity", "chunk"), [(300, 0.0), (64, 0.25)])  # 64: overflows
+def test_native_kernels_equal_the_torch_ops_path(policy: str, capacity: int, chunk: float) -> None:
+    """Same slots, stats and row state (free list order included), batch by batch, with
+    per-ID event times (a row keeps its latest) and a scalar time, at load 1.0 with
+    evictions, and with batches holding more new IDs than rows. Only where an ID sits in the
     hash array may differ (the inserts walk differently), so lookups are compared instead."""
-    native, reference = (IdMap(300, policy, native=n) for n in (True, False))  # type: ignore[arg-type]
+    native, reference = (
+        IdMap(capacity, policy, evict_chunk=chunk, native=n)  # type: ignore[arg-type]
+        for n in (True, False)
+    )
     g = torch.Generator().manual_seed(3)
     for t, ids in enumerate(random_batches(9, 16, 400, 2_000) + adversarial_batches()):
         now: int | torch.Tensor = t

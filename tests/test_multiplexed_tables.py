@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -29,7 +28,7 @@ from tables.budget import budget_tables, full_parameters
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
 from tables.sharding import combined_optimizer, shard_model
 from tables.vocab import build_vocabularies
-from tests.helpers import copy_full_state, free_port, gloo_group
+from tests.helpers import copy_full_state, gloo_group, spawn_ranks
 from tests.small_log import small_features, small_table
 
 DIM = 4
@@ -262,9 +261,7 @@ def _sharding_worker(rank: int, port: int, out: str) -> None:
 
 def test_sharded_equals_unsharded(tmp_path: Path) -> None:
     out = tmp_path / "errors.json"
-    mp.start_processes(
-        _sharding_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn"
-    )
+    spawn_ranks(_sharding_worker, WORLD, str(out))
     assert json.loads(out.read_text()) == []
 
 

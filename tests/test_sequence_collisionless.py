@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
 from models.sequence_ranking import SequenceRankingModel
@@ -36,7 +35,7 @@ from tables.collisionless import (
 from tables.ownership import hash64
 from tables.sequence_collisionless import SharedRowsTransform
 from tables.sharding import combined_optimizer, shard_model
-from tests.helpers import copy_full_state, free_port, gloo_group
+from tests.helpers import copy_full_state, gloo_group, spawn_ranks
 from tests.test_sequence_tables import POSITIONS, seq_doc
 
 ITEM_POOL = 10**12 + np.arange(40, dtype=np.int64) * 7919  # raw IDs far from any row number
@@ -344,9 +343,7 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow  # two spawned ranks with torchrec imports: about a minute on 2 cores
 def test_two_ranks_equal_one_unsharded_model(tmp_path: Path) -> None:
     out = tmp_path / "errors.json"
-    mp.start_processes(
-        _two_rank_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn"
-    )
+    spawn_ranks(_two_rank_worker, WORLD, str(out))
     assert json.loads(out.read_text()) == []
 
 
@@ -405,5 +402,5 @@ def _reuse_worker(rank: int, port: int, out: str) -> None:
 
 def test_reused_rows_start_over_in_both_sharded_tables(tmp_path: Path) -> None:
     out = tmp_path / "errors.json"
-    mp.start_processes(_reuse_worker, args=(free_port(), str(out)), nprocs=1, start_method="spawn")
+    spawn_ranks(_reuse_worker, 1, str(out))
     assert json.loads(out.read_text()) == []

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 
 from models.sequence_ranking import SequenceRankingModel
@@ -25,7 +24,7 @@ from recsys.batch import Batch, BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
 from recsys.serving import ServingModel
 from tables.sharding import combined_optimizer, shard_model
-from tests.helpers import copy_full_state, free_port, gloo_group
+from tests.helpers import copy_full_state, gloo_group, spawn_ranks
 
 ITEM_ROWS, POSITIONS = 50, 6
 CATEGORIES = np.arange(0, 140, 7, dtype=np.int64)  # the category vocabulary (20 IDs)
@@ -325,9 +324,7 @@ def _sharding_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow  # two spawned ranks with torchrec imports: about a minute on 2 cores
 def test_sharded_sequence_model_equals_unsharded(tmp_path: Path) -> None:
     out = tmp_path / "errors.json"
-    mp.start_processes(
-        _sharding_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn"
-    )
+    spawn_ranks(_sharding_worker, WORLD, str(out))
     assert json.loads(out.read_text()) == []
 
 

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     DenseTableBatchedEmbeddingBagsCodegen,
@@ -55,7 +54,7 @@ from tables.sharding import (
     sharding_constraints,
     sparse_optimizer_spec,
 )
-from tests.helpers import free_port, gloo_group
+from tests.helpers import gloo_group, spawn_ranks
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -476,9 +475,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def mismatches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     out = tmp_path_factory.mktemp("sharding") / "mismatches.json"
-    mp.start_processes(
-        _worker, args=(free_port(), str(out)), nprocs=WORLD_SIZE, start_method="spawn"
-    )
+    spawn_ranks(_worker, WORLD_SIZE, str(out))
     return json.loads(out.read_text())
 
 

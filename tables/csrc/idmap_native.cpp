@@ -1,7 +1,8 @@
 // Native kernels of the collisionless ID map (tables/idmap.py): the per-ID hot loops.
 //
 // Every batch probes the cuckoo hash array once per ID, stamps the last-seen time and
-// access count of every row it reads, and inserts its new IDs. In whole-tensor torch ops each of those is several
+// access count of every row it reads, inserts its new IDs and, when full, picks the rows to
+// evict. In whole-tensor torch ops each of those is several
 // passes over the batch, each a random read or write into arrays of hundreds of MB, and a
 // probe round must read all three hash choices of the IDs it visits. Here one loop per
 // batch hashes an ID, reads its first choice and stops at the first match, while software
@@ -17,7 +18,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -204,6 +207,66 @@ void touch(at::Tensor last_seen, at::Tensor counts, const at::Tensor& slots,
   }
 }
 
+// The `target` live rows not in `protect` that are lowest by (scores..., slot), in the
+// order idmap.py's `_lowest` returns them: per score, the rows below its target-th smallest
+// value (ascending slot), then the tie group goes on to the next score; the last group is
+// cut in ascending slot order. One pass to gather candidates, nth_element per score.
+at::Tensor lowest(const at::Tensor& live, const at::Tensor& protect, at::TensorList scores,
+                  int64_t target) {
+  TORCH_CHECK(live.dtype() == at::kBool && live.is_contiguous(), "live must be bool");
+  TORCH_CHECK(protect.dtype() == at::kLong, "protect must be int64");
+  const int64_t rows_total = live.numel();
+  const bool* is_live = live.data_ptr<bool>();
+  std::vector<uint8_t> blocked(static_cast<size_t>(rows_total), 0);
+  const auto guarded = protect.contiguous();
+  const int64_t* guard = guarded.data_ptr<int64_t>();
+  for (int64_t i = 0; i < guarded.numel(); ++i) {
+    if (guard[i] >= 0 && guard[i] < rows_total) {
+      blocked[guard[i]] = 1;
+    }
+  }
+  std::vector<int64_t> rows;
+  for (int64_t r = 0; r < rows_total; ++r) {
+    if (is_live[r] && !blocked[r]) {
+      rows.push_back(r);
+    }
+  }
+  target = std::min<int64_t>(std::max<int64_t>(target, 0), rows.size());
+  std::vector<int64_t> chosen;
+  chosen.reserve(static_cast<size_t>(target));
+  std::vector<int64_t> values;
+  for (const auto& score : scores) {
+    if (target == 0 || target == static_cast<int64_t>(rows.size())) {
+      break;
+    }
+    TORCH_CHECK(score.dtype() == at::kLong && score.is_contiguous() &&
+                    score.numel() == rows_total,
+                "scores must be contiguous int64, one per row");
+    const int64_t* value = score.data_ptr<int64_t>();
+    values.resize(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      values[i] = value[rows[i]];
+    }
+    std::nth_element(values.begin(), values.begin() + (target - 1), values.end());
+    const int64_t kth = values[target - 1];
+    const size_t before = chosen.size();
+    std::vector<int64_t> ties;
+    for (const int64_t r : rows) {
+      if (value[r] < kth) {
+        chosen.push_back(r);
+      } else if (value[r] == kth) {
+        ties.push_back(r);
+      }
+    }
+    target -= static_cast<int64_t>(chosen.size() - before);
+    rows.swap(ties);
+  }
+  chosen.insert(chosen.end(), rows.begin(), rows.begin() + target);
+  auto out = at::empty({static_cast<int64_t>(chosen.size())}, at::kLong);
+  std::copy(chosen.begin(), chosen.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(recsys_idmap, m) {
@@ -211,12 +274,14 @@ TORCH_LIBRARY(recsys_idmap, m) {
   m.def(
       "insert(Tensor(a!) keys, Tensor(b!) vals, Tensor(c!) row_pos, Tensor ids, Tensor rows, "
       "int salt, int max_kicks) -> bool");
+  m.def("lowest(Tensor live, Tensor protect, Tensor[] scores, int target) -> Tensor");
   m.def("touch(Tensor(a!) last_seen, Tensor(b!) counts, Tensor slots, Tensor times) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(recsys_idmap, CPU, m) {
   m.impl("probe", &probe);
   m.impl("insert", &insert);
+  m.impl("lowest", &lowest);
   m.impl("touch", &touch);
 }
 
