@@ -497,7 +497,8 @@ class IdMap(nn.Module):
         return self._free_rows(rows)
 
     def _lowest(self, scores: list[torch.Tensor], target: int) -> torch.Tensor:
-        """The `target` live rows lowest by (scores..., slot), exactly."""
+        """The `target` live rows lowest by (scores..., slot), exactly, in ascending slot
+        order (so that the free list does not depend on how they were found)."""
         rows, bound = self._candidates(scores[0], target)
         target = min(target, rows.numel())
         chosen = []
@@ -514,7 +515,7 @@ class IdMap(nn.Module):
             target -= int(below.sum())
             rows, bound = rows[value == kth], None
         chosen.append(rows[:target])
-        return torch.cat(chosen)
+        return torch.cat(chosen).sort().values
 
     def _candidates(self, score: torch.Tensor, target: int) -> tuple[torch.Tensor, int | None]:
         """Live rows with `score <= bound`, a bound from a strided sample that ~1.2x `target`

@@ -207,10 +207,10 @@ void touch(at::Tensor last_seen, at::Tensor counts, const at::Tensor& slots,
   }
 }
 
-// The `target` live rows not in `protect` that are lowest by (scores..., slot), in the
-// order idmap.py's `_lowest` returns them: per score, the rows below its target-th smallest
-// value (ascending slot), then the tie group goes on to the next score; the last group is
-// cut in ascending slot order. One pass to gather candidates, nth_element per score.
+// The `target` live rows not in `protect` that are lowest by (scores..., slot), as
+// idmap.py's `_lowest` picks them: per score, the rows below its target-th smallest value,
+// then the tie group goes on to the next score; the last group is cut by lowest slot.
+// Returned in ascending slot order. One pass to gather candidates, nth_element per score.
 at::Tensor lowest(const at::Tensor& live, const at::Tensor& protect, at::TensorList scores,
                   int64_t target) {
   TORCH_CHECK(live.dtype() == at::kBool && live.is_contiguous(), "live must be bool");
@@ -262,6 +262,7 @@ at::Tensor lowest(const at::Tensor& live, const at::Tensor& protect, at::TensorL
     rows.swap(ties);
   }
   chosen.insert(chosen.end(), rows.begin(), rows.begin() + target);
+  std::sort(chosen.begin(), chosen.end());
   auto out = at::empty({static_cast<int64_t>(chosen.size())}, at::kLong);
   std::copy(chosen.begin(), chosen.end(), out.data_ptr<int64_t>());
   return out;
