@@ -224,8 +224,10 @@ class CollisionlessTransform(nn.Module):
 
     def _rows_local(self, ids: torch.Tensor, times: torch.Tensor, now: int) -> torch.Tensor:
         """Global row per ID (-1: none) from the shards held here (no other ranks)."""
-        owner = self._owner(ids)
         self._advance_clock(now)
+        if self.num_shards == 1:  # one shard owns every ID: no ownership hash to compute
+            return self._serve(0, ids, times)
+        owner = self._owner(ids)
         rows = torch.full_like(ids, -1)
         for s in self.shards:
             at = (owner == s).nonzero().squeeze(1)
@@ -436,6 +438,15 @@ class CollisionlessTransform(nn.Module):
         )
 
 
+def _owners(transforms: list[CollisionlessTransform], ids: list[torch.Tensor]) -> torch.Tensor:
+    """The owning rank of every table's IDs, concatenated: one ownership hash over all
+    tables when they share their bucket and shard counts (the usual case), else one per
+    table."""
+    if len({(t.buckets, t.num_shards) for t in transforms}) == 1:
+        return transforms[0]._owner(torch.cat(ids))
+    return torch.cat([t._owner(i) for t, i in zip(transforms, ids, strict=True)])
+
+
 def _exchange(
     transforms: list[CollisionlessTransform],
     ids: list[torch.Tensor],
@@ -452,7 +463,7 @@ def _exchange(
     sizes = [len(i) for i in ids]
     table = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(sizes))
     flat_ids, flat_times = torch.cat(ids), torch.cat(times)
-    owner = torch.cat([t._owner(i) for t, i in zip(transforms, ids, strict=True)])
+    owner = _owners(transforms, ids)
     order = torch.argsort(owner, stable=True)
     sent = torch.bincount(owner, minlength=world)
     header = torch.stack([sent, torch.full_like(sent, local_now)], 1)
