@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from harness import init_single_rank_group
+from harness import init_single_rank_group, shard_for_training, train_in_order
 
 from pipelines.build import build_model
 from recsys.batch import BatchConverter
@@ -33,7 +32,6 @@ from recsys.logs import read_validated
 from recsys.metrics import auc
 from recsys.synth import generate
 from tables.collisionless import bind_ownership, table_report
-from tables.sharding import combined_optimizer, shard_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,30 +52,12 @@ def _train_and_score(cfg: ExperimentConfig, log: Path, days: list[Path]) -> dict
     model = build_model(cfg, {}, table_device=torch.device("meta"))
     bind_ownership(model, 0, dist.new_group(backend="gloo"))
     t = cfg.train
-    dmp = shard_model(
-        model,
-        {s.name: s.sharding for s in model.sparse.specs},
-        t.sparse_optimizer,
-        t.sparse_lr,
-        dist.group.WORLD,
-        torch.device("cpu"),
-    )
-    optimizer = combined_optimizer(
-        dmp, t.sparse_optimizer, t.sparse_lr, lambda ps: torch.optim.Adam(ps, lr=t.dense_lr)
-    )
-    convert = BatchConverter(cfg.features)
-    start = time.perf_counter()
-    examples = 0
-    for day in days[:-1]:
-        for table in read_validated(day, cfg.features, batch_size=t.batch_size):
-            batch = convert(table)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(batch), batch.labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            examples += batch.batch_size
-    seconds = time.perf_counter() - start
+    sharding = {s.name: s.sharding for s in model.sparse.specs}
+    dmp, optimizer = shard_for_training(model, cfg, sharding)
+    tables = (part for day in days[:-1] for part in read_validated(day, cfg.features, t.batch_size))
+    examples, seconds = train_in_order(dmp, optimizer, cfg, tables)
     report = table_report(dmp.module.sparse)
+    convert = BatchConverter(cfg.features)
     dmp.eval()
     scores, labels = [], []
     with torch.no_grad():

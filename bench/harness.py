@@ -1,5 +1,5 @@
-"""Timing helpers shared by the benchmarks (run as `python bench/<name>.py`, so importable
-as a sibling module)."""
+"""Timing and training helpers shared by the benchmarks (run as `python bench/<name>.py`,
+so importable as a sibling module)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import pyarrow as pa
+import torch
 import torch.distributed as dist
+
+from recsys.batch import BatchConverter
+from recsys.config import ExperimentConfig
+from tables.sharding import combined_optimizer, shard_model
 
 
 def interleaved(
@@ -47,3 +53,40 @@ def init_single_rank_group() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def shard_for_training(
+    model: torch.nn.Module, cfg: ExperimentConfig, sharding: dict[str, str]
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """`model` under DistributedModelParallel on the current group with the config's fused
+    sparse optimizer, and Adam for the dense part: the training path of `recsys train`."""
+    t = cfg.train
+    dmp = shard_model(
+        model, sharding, t.sparse_optimizer, t.sparse_lr, dist.group.WORLD, torch.device("cpu")
+    )
+    optimizer = combined_optimizer(
+        dmp, t.sparse_optimizer, t.sparse_lr, lambda ps: torch.optim.Adam(ps, lr=t.dense_lr)
+    )
+    return dmp, optimizer
+
+
+def train_in_order(
+    dmp: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: ExperimentConfig,
+    tables: Iterable[pa.Table],
+) -> tuple[int, float]:
+    """One step per validated Arrow table, in the order given; (examples, seconds).
+    Tables of one row are skipped: BatchNorm cannot train on them."""
+    convert = BatchConverter(cfg.features)
+    start, examples = time.perf_counter(), 0
+    for table in tables:
+        if table.num_rows < 2:
+            continue
+        batch = convert(table)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(batch), batch.labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        examples += batch.batch_size
+    return examples, time.perf_counter() - start

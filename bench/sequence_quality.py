@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from harness import init_single_rank_group
+from harness import init_single_rank_group, shard_for_training, train_in_order
 
 from pipelines.build import build_model, table_sharding
 from pipelines.split import validation_cutoff
@@ -48,7 +48,6 @@ from recsys.config import ExperimentConfig, load_config
 from recsys.logs import read_validated
 from recsys.metrics import auc, gauc, logloss
 from recsys.synth import generate
-from tables.sharding import combined_optimizer, shard_model
 from tables.vocab import build_vocabularies
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,28 +85,15 @@ def _train_and_score(cfg: ExperimentConfig, log: Path) -> dict[str, float]:
     vocabularies = build_vocabularies(cfg, log, validation_cutoff(cfg, log))
     model = build_model(cfg, vocabularies, torch.device("meta"))
     t = cfg.train
-    dmp = shard_model(
-        model, table_sharding(model), t.sparse_optimizer, t.sparse_lr, dist.group.WORLD,
-        torch.device("cpu"),
-    )  # fmt: skip
-    optimizer = combined_optimizer(
-        dmp, t.sparse_optimizer, t.sparse_lr, lambda ps: torch.optim.Adam(ps, lr=t.dense_lr)
+    dmp, optimizer = shard_for_training(model, cfg, table_sharding(model))
+    tables = (
+        part
+        for _ in range(t.epochs)
+        for day in train_days
+        for part in read_validated(day, cfg.features, t.batch_size)
     )
+    examples, seconds = train_in_order(dmp, optimizer, cfg, tables)
     convert = BatchConverter(cfg.features)
-    start, examples = time.perf_counter(), 0
-    for _ in range(t.epochs):
-        for table in (
-            part for day in train_days for part in read_validated(day, cfg.features, t.batch_size)
-        ):
-            if table.num_rows < 2:  # BatchNorm needs two rows
-                continue
-            batch = convert(table)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(batch), batch.labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            examples += batch.batch_size
-    seconds = time.perf_counter() - start
     dmp.eval()
     probs, labels, groups = [], [], []
     with torch.no_grad():
