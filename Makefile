@@ -22,7 +22,7 @@ endif
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py tables/csrc/idmap_native.cpp Makefile
+$(STAMP): pyproject.toml setup.py tables/collisionless/csrc/idmap_native.cpp Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(TORCH_STEP) -q
@@ -33,8 +33,8 @@ $(STAMP): pyproject.toml setup.py tables/csrc/idmap_native.cpp Makefile
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
 	# git ignores the built library through .git/info/exclude, not .gitignore: Ray reads
 	# .gitignore when it uploads a job's --working-dir, and the job needs the library.
-	if [ -d .git/info ]; then grep -qxF 'tables/_*.so' .git/info/exclude \
-		|| echo 'tables/_*.so' >> .git/info/exclude; fi
+	if [ -d .git/info ]; then grep -qxF 'tables/collisionless/_*.so' .git/info/exclude \
+		|| echo 'tables/collisionless/_*.so' >> .git/info/exclude; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -67,4 +67,4 @@ bench-ingest: $(STAMP)
 	$(PY) bench/ingest.py
 
 clean:
-	rm -rf $(VENV) out runs build tables/_*.so .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) out runs build tables/collisionless/_*.so .pytest_cache .ruff_cache *.egg-info

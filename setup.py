@@ -11,8 +11,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 setup(
     ext_modules=[
         CppExtension(
-            "tables._idmap_native",
-            ["tables/csrc/idmap_native.cpp"],
+            "tables.collisionless._idmap_native",
+            ["tables/collisionless/csrc/idmap_native.cpp"],
             extra_compile_args=["-O3"],
         )
     ],

@@ -41,9 +41,10 @@ from torch import nn
 from torchrec.modules.mc_modules import LRU_EvictionPolicy, MCHManagedCollisionModule
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from tables import hugepages
-from tables.idmap import NATIVE, IdMap, MapStats
-from tables.ownership import hash64
+from tables.collisionless import hugepages
+from tables.collisionless.idmap import IdMap, MapStats
+from tables.collisionless.kernels import NATIVE
+from tables.collisionless.ownership import hash64
 
 LOAD_FACTORS = (0.5, 0.75, 1.0)
 DIM = 64

@@ -31,7 +31,8 @@ from recsys.config import ExperimentConfig, config_from_dict, load_config
 from recsys.logs import read_validated
 from recsys.metrics import auc
 from recsys.synth import generate
-from tables.collisionless import bind_ownership, table_report
+from tables.collisionless.report import table_report
+from tables.collisionless.transform import bind_ownership
 
 REPO = Path(__file__).resolve().parents[1]
 

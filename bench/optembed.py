@@ -14,10 +14,10 @@ fbgemm's fused row-wise Adagrad on the tables and Adam on the dense layers:
   ones with one ID per bag). On CPU, fbgemm's unpooled backward is several times slower
   than its pooled one;
 * supernet, layer: the pooled-rows supernet as `recsys train` builds it for `variant:
-  optembed` (`tables.optembed_tables.OptEmbedEmbeddings`: ID transform, pooled rows,
+  optembed` (`tables.optembed.embeddings.OptEmbedEmbeddings`: ID transform, pooled rows,
   masks), the figure the RESULT line reports by default.
 
-The supernets mask their single-valued block with `tables.optembed_fused`'s compiled
+The supernets mask their single-valued block with `tables.optembed.fused`'s compiled
 kernels (compiled in the warm-up step, before timing).
 
 Steps of the models alternate in short blocks so that load from other processes hits all
@@ -59,8 +59,8 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 
 from models.ctr import DLRM
 from recsys.config import ModelConfig
-from tables.optembed import OptEmbedPooling, bag_rows, one_bag_per_id
-from tables.optembed_tables import OptEmbedEmbeddings
+from tables.optembed.embeddings import OptEmbedEmbeddings
+from tables.optembed.pooling import OptEmbedPooling, bag_rows, one_bag_per_id
 from tables.pooled import TableSpec
 from tables.sharding import dense_parameters, shard_model
 from tables.transforms import ModuloHash

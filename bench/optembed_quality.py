@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.export import export
+from pipelines.export.writer import export
 from pipelines.optembed import retrain, search
-from pipelines.train import train
+from pipelines.train.driver import train
 from recsys.config import ExperimentConfig, load_config
 from recsys.metrics import auc
-from recsys.serving import ServingModel
+from recsys.serving.model import ServingModel
 from recsys.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]

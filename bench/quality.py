@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.build import load_vocabularies
-from pipelines.train import train
+from pipelines.train.driver import train
 from recsys.config import ExperimentConfig, load_config
 from recsys.synth import generate
 

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from harness import init_single_rank_group, shard_for_training, train_in_order
 
 from pipelines.build import build_model, table_sharding
-from pipelines.split import validation_cutoff
+from pipelines.train.split import validation_cutoff
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, load_config
 from recsys.logs import read_validated

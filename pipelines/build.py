@@ -11,9 +11,14 @@ from models.ctr import build_ctr_model
 from models.ranking import RankingModel
 from models.sequence import FieldDims, build_sequence_model
 from models.sequence_ranking import SequenceRankingModel
-from pipelines.checkpoint import load_model_weights
+from pipelines.train.checkpoint import (
+    PROGRESS_FILE,
+    incomplete_reason,
+    load_model_weights,
+    newest_complete,
+)
 from recsys.config import ExperimentConfig, load_config
-from tables.optembed_tables import OptEmbedEmbeddings
+from tables.optembed.embeddings import OptEmbedEmbeddings
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
 from tables.sequence import ATTENTION, REPRESENTATION, build_sequence_embeddings
 
@@ -123,13 +128,14 @@ def _optembed_embeddings(
 
 
 def latest_checkpoint(run: Path) -> Path:
-    """A checkpoint directory itself, or the newest `checkpoint_*` of a run directory."""
-    if (run / "progress.json").exists():
+    """A checkpoint directory itself (refused unless complete), or the newest complete
+    `checkpoint_*` of a run directory (which it names: the reader should say which)."""
+    if run.name.startswith("checkpoint_") or (run / PROGRESS_FILE).exists():
+        reason = incomplete_reason(run)
+        if reason is not None:
+            raise FileNotFoundError(f"{run}: not a complete checkpoint: {reason}")
         return run
-    found = sorted(run.glob("checkpoint_*"))
-    if not found:
-        raise FileNotFoundError(f"{run}: no checkpoint_* directory; did training finish a step?")
-    return found[-1]
+    return newest_complete(run)
 
 
 def load_trained(run: str | Path) -> tuple[ExperimentConfig, RankingModel, dict]:

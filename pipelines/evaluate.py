@@ -16,7 +16,7 @@ import ray
 import torch
 
 from pipelines.build import load_trained
-from pipelines.train import start_ray
+from pipelines.train.driver import start_ray
 from recsys.batch import BatchConverter
 from recsys.contract import BadRowCounts, validate_table
 from recsys.logs import parquet_files, read_validated

@@ -1,6 +1,6 @@
 """OptEmbed after the supernet: `recsys search` (per-feature dims) and `recsys retrain`.
 
-Search runs `tables.dimension_search.EvolutionarySearch` on the trained supernet with
+Search runs `tables.optembed.search.EvolutionarySearch` on the trained supernet with
 validation AUC as fitness. Ray Data reads the validation split (the days `recsys train`
 held out); Ray actors each load the supernet once and cache, per validation batch, the
 embeddings at full width with the row masks applied. A candidate's dims only zero columns
@@ -30,16 +30,16 @@ import ray
 import torch
 
 from pipelines.build import KEEP_FILE, VOCAB_FILE, load_trained
-from pipelines.split import validation_cutoff
-from pipelines.train import run_dir_of, start_ray, train
+from pipelines.train.driver import run_dir_of, start_ray, train
+from pipelines.train.split import validation_cutoff
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
 from recsys.contract import validate_table
 from recsys.logs import parquet_files
 from recsys.metrics import auc
-from tables.dimension_search import EvolutionarySearch, SearchConfig
-from tables.optembed import prefix_masks, sparsity
-from tables.optembed_tables import OptEmbedEmbeddings
+from tables.optembed.embeddings import OptEmbedEmbeddings
+from tables.optembed.masks import prefix_masks, sparsity
+from tables.optembed.search import EvolutionarySearch, SearchConfig
 
 SEARCH_DIR = "search"
 STATE_FILE = "state.json"

@@ -2,7 +2,7 @@
 
 A budget is a fraction of the parameters of full per-feature tables (vocabularies of the
 training days). For each variant and budget the config's tables are re-derived
-(`tables.budget`) and trained by `pipelines.train.train`; validation AUC and logloss
+(`tables.budget`) and trained by `pipelines.train.driver.train`; validation AUC and logloss
 against the embedding parameters go to `<out>/frontier.csv` and `<out>/frontier.png`, so
 the Pareto frontier of each variant shows at a glance. Runs live in `<out>/runs/`; a run
 whose `result.json` exists is read back rather than trained again, so an interrupted sweep
@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 
 from pipelines.build import save_vocabularies
-from pipelines.split import validation_cutoff
-from pipelines.train import run_dir_of, train
+from pipelines.train.driver import run_dir_of, train
+from pipelines.train.split import validation_cutoff
 from recsys.config import ConfigError, ExperimentConfig, TableConfig, config_from_dict
 from tables.budget import VARIANTS, budget_tables, full_parameters, full_tables
 from tables.pooled import table_specs

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from recsys.config import TableConfig
+from recsys.config import TableConfig, table_config
 from tables.multiplexed import hashed_table_rows, shared_table_rows
 
 VARIANTS = ("full", "hash", "multiplexed", "qr")
@@ -28,11 +28,11 @@ def full_parameters(tables: list[TableConfig], rows: Mapping[str, int]) -> int:
 def full_tables(tables: list[TableConfig]) -> list[TableConfig]:
     """A vocabulary table per feature (named after it), the entries' min_count kept."""
     return [
-        TableConfig(
+        table_config(
             features=t.features,
             variant="full",
             embedding_dim=t.embedding_dim,
-            min_count=t.min_count,
+            min_count=getattr(t, "min_count", 1),  # hashed entries count no IDs
             pooling=t.pooling,
             sharding=t.sharding,
         )
@@ -56,7 +56,7 @@ def budget_tables(
     if variant == "multiplexed":
         total = full_parameters(tables, rows)
         return [
-            TableConfig(
+            table_config(
                 name=f"multiplexed{i}",
                 features=t.features,
                 variant="multiplexed",
@@ -64,7 +64,7 @@ def budget_tables(
                     budget * full_parameters([t], rows) // total, t.embedding_dim
                 ),
                 embedding_dim=t.embedding_dim,
-                probes=t.probes if t.variant == "multiplexed" else None,
+                probes=getattr(t, "probes", None),
                 pooling=t.pooling,
                 sharding=t.sharding,
             )
@@ -74,7 +74,7 @@ def budget_tables(
     split = hashed_table_rows(budget, {f: rows[f] for f in dims}, dims)
     least = 2 if variant == "qr" else 1
     return [
-        TableConfig(
+        table_config(
             features=[f],
             variant=variant,
             num_embeddings=max(split[f], least),

@@ -25,7 +25,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.config import ExperimentConfig, TableConfig
-from tables.collisionless import CollisionlessTransform, map_options, route_tables
+from tables.collisionless.exchange import route_tables
+from tables.collisionless.transform import CollisionlessTransform, map_options
 from tables.multiplexed import (
     MultiplexedTransform,
     QuotientRemainderTransform,

@@ -18,7 +18,7 @@ the history reads the target's table) or a `decoupled` one (DARE): two tables `<
 one ID transform; the item's decoupled-ness also splits the time-position table. The output
 always carries an attention and a representation set; for coupled tables they are the
 same tensors, so the model reading them never knows the variant. A decoupled table may
-also keep its rows `collisionless` (see `tables.sequence_collisionless`): its IDs then go
+also keep its rows `collisionless` (see `tables.collisionless.sequence`): its IDs then go
 to one ID map with the batch's event times, and IDs without a row read each role table's
 default embedding.
 """
@@ -34,8 +34,9 @@ from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.config import ExperimentConfig, TableConfig
-from tables.collisionless import global_rows, map_options
-from tables.sequence_collisionless import SharedRowsTransform, drop_rowless, fill_defaults
+from tables.collisionless.exchange import global_rows
+from tables.collisionless.sequence import SharedRowsTransform, drop_rowless, fill_defaults
+from tables.collisionless.transform import map_options
 from tables.transforms import ModuloHash, VocabularyLookup
 
 ATTENTION, REPRESENTATION, BOTH = "att", "rep", "both"

@@ -1,7 +1,7 @@
 """Sharding embedding tables with torchrec: sharders, planner constraints, DMP wrapping.
 
 Everything here configures torchrec; none of it shards tables itself. Facts found on
-torchrec 1.8 / fbgemm-gpu-cpu 1.8 (and proven in tests/test_sharding.py):
+torchrec 1.8 / fbgemm-gpu-cpu 1.8 (and proven in tests/tables/test_sharding.py):
 
 * **Sharders.** torchrec's EBC sharder lists `row_wise` and `table_row_wise` only for CUDA
   although both run on CPU with gloo; `RowWiseOnCpuEmbeddingBagCollectionSharder` adds them

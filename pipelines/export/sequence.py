@@ -1,0 +1,135 @@
+"""`recsys export` for sequence models: their tables and a tensor-only model program.
+
+Every physical sequence table is written like a pooled one (`id` rows sorted, vocabulary
+IDs for full tables, the live admitted raw IDs and a default embedding for collisionless
+ones, row numbers for hashed and time-position ones) with the field and set
+(`att`, `rep` or `both`) it serves, so that a reader rebuilds the attention and
+representation vectors, item | category | time, from raw IDs. The model is exported over
+plain tensors (`FlatSequenceModel`) with a symbolic batch and history total; the
+two-stage search needs a static bound on history lengths, `max_history`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.sequence_ranking import FlatSequenceModel, SequenceRankingModel
+from recsys.config import ExperimentConfig
+from tables.collisionless.sequence import SharedRowsTransform
+from tables.sequence import SequenceTableSpec
+from tables.transforms import VocabularyLookup
+
+DEFAULT_MAX_HISTORY = 100_000
+
+
+CollisionlessRows = Callable[[SharedRowsTransform, dict[str, Any]], tuple[np.ndarray, np.ndarray]]
+
+
+def sequence_tables(
+    model: SequenceRankingModel, write: Any, dtype: str, collisionless_rows: CollisionlessRows
+) -> list[dict[str, Any]]:
+    """Manifest entries of the sequence tables; `write(name, ids, rows)` stores a table and
+    `collisionless_rows(transform, entry)` picks a collisionless table's (IDs, rows): all
+    live ones, or those of an incremental export (pipelines.export.delta)."""
+    seq = model.sequence
+    fields = {seq.table_of(f, r).name: f for f in seq.fields for r in ("att", "rep")}
+    entries = []
+    for spec in seq.specs:
+        field = fields[spec.name]
+        weights = _weights(model, spec)
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "variant": spec.variant,
+            "kind": "sequence",
+            "role": spec.role,
+            "features": [
+                k
+                for f in seq.fields
+                if f.name in _names(seq, spec)
+                for k in (f.target_key, f.history_key)
+            ],
+            "dim": spec.dim,
+            "pooling": "none",
+            "dtype": dtype,
+        }
+        transform = seq.transforms[field.transform] if field.transform else None
+        if isinstance(transform, SharedRowsTransform):  # live rows; the rest read the default
+            ids, live = collisionless_rows(transform, entry)
+            rows = weights[live]
+            entry["default_embedding"] = transform.defaults[spec.name].detach().tolist()
+        elif isinstance(transform, VocabularyLookup):
+            ids, rows = transform.ids.numpy(), weights[1:]
+            entry["lookup"] = "id"
+            entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()
+        else:
+            ids, rows = np.arange(spec.num_rows, dtype=np.int64), weights
+            entry["lookup"] = "modulo" if transform is not None else "position"
+            entry["num_rows"] = spec.num_rows
+        entry["rows"] = len(ids)
+        entry["bytes"] = int(rows.size * {"float32": 4, "float16": 2, "int8": 1}[dtype])
+        entry["files"] = write(spec.name, ids, rows)
+        entries.append(entry)
+    return entries
+
+
+def _names(seq: Any, spec: SequenceTableSpec) -> set[str]:
+    """The fields a table serves (several for a shared table)."""
+    return {f.name for f in seq.fields for r in ("att", "rep") if seq.table_of(f, r) is spec}
+
+
+def _weights(model: SequenceRankingModel, spec: SequenceTableSpec) -> np.ndarray:
+    collection = model.sequence.collections[f"d{spec.dim}"]
+    return collection.embeddings[spec.name].weight.detach().float().numpy()
+
+
+def sequence_program(
+    cfg: ExperimentConfig, model: SequenceRankingModel, max_history: int = DEFAULT_MAX_HISTORY
+) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+    """The model over flat tensors, and the manifest's input spec for it."""
+    if model.pooled is not None:
+        raise NotImplementedError(
+            "export of sequence models with pooled non-sequence features is not supported yet"
+        )
+    seq = model.sequence
+    if hasattr(model.model, "max_length"):
+        model.model.max_length = max_history
+    att, rep = sum(seq.dims["att"]), sum(seq.dims["rep"])
+    lengths = [3, 5]
+    total = sum(lengths)
+    example = [
+        torch.zeros(2, att),
+        torch.zeros(total, att),
+        torch.zeros(2, rep),
+        torch.zeros(total, rep),
+        torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int64),
+    ]
+    batch, n = torch.export.Dim("batch", min=2), torch.export.Dim("total", min=2)
+    shapes: list[Any] = [{0: batch}, {0: n}, {0: batch}, {0: n}, {0: batch + 1}]
+    if model.num_dense:
+        example.append(torch.zeros(2, model.num_dense))
+        shapes.append({0: batch})
+    with torch.no_grad():
+        program = torch.export.export(
+            FlatSequenceModel(model.model).eval(), tuple(example), dynamic_shapes=tuple(shapes)
+        )
+    spec = {
+        "kind": "sequence",
+        "dense": [d.name for d in cfg.features.dense],
+        "fields": [
+            {
+                "name": f.name,
+                "target": f.target_key,
+                "history": f.history_key,
+                "tables": {r: seq.table_of(f, r).name for r in ("att", "rep")},
+            }
+            for f in seq.fields
+        ],
+        "time_positions": seq.time_positions,
+        "max_history": max_history,
+        "dims": seq.dims,
+    }
+    return program, spec

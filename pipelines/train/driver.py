@@ -1,0 +1,154 @@
+"""`recsys train`: Ray Data streams the log to Ray Train workers that train a sharded model.
+
+The driver locks the run folder, validates the config and the log, splits by time,
+builds vocabularies, then starts a `TorchTrainer` (gloo on CPU, NCCL on GPU) whose workers
+run `pipelines.train.worker`. Progress goes to the log (rank 0), to `ray.train.report` and
+to `<run>/metrics.jsonl`; checkpoints go through Ray Train with `torch.distributed.checkpoint`
+state. A failed worker restarts the group from the newest complete checkpoint, up to
+`train.max_failures` times; running the same command again resumes an unfinished run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipelines.build import KEEP_FILE, VOCAB_FILE, save_vocabularies
+from pipelines.train.meter import METRICS_FILE, progress_bar
+from pipelines.train.run_folder import RunFolder
+from pipelines.train.split import validation_cutoff
+from pipelines.train.worker import train_worker
+from recsys.config import ConfigError, ExperimentConfig
+from recsys.contract import BadRowCounts
+from recsys.logs import parquet_files, read_validated
+from tables.vocab import build_vocabularies
+
+
+def run_dir_of(cfg: ExperimentConfig) -> Path:
+    return (Path(cfg.train.run_dir) / cfg.name).resolve()
+
+
+def preflight(cfg: ExperimentConfig) -> BadRowCounts:
+    """Validate every file of the training log before any worker starts.
+
+    Under `on_bad_rows: error` the first bad row stops here with its file, column and row;
+    under `skip` the counts are returned (the workers drop the same rows).
+    """
+    if cfg.data.train is None:
+        raise ValueError("data.train: no training log given")
+    skipped = BadRowCounts()
+    for _ in read_validated(
+        cfg.data.train,
+        cfg.features,
+        batch_size=262_144,
+        on_bad_rows=cfg.data.on_bad_rows,
+        skipped=skipped,
+    ):
+        pass
+    return skipped
+
+
+def start_ray(address: str | None, workers: int) -> None:
+    """Join a cluster (`--address` or RAY_ADDRESS), else start an embedded local Ray.
+
+    The local Ray advertises at least one logical CPU per training worker plus two, so
+    Ray Data's read tasks are never starved by workers that hold every CPU (on a 2-core
+    machine, 2 workers would otherwise deadlock the stream that feeds them).
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _datasets(cfg: ExperimentConfig, cutoff: int | None) -> dict[str, ray.data.Dataset]:
+    files = [str(p) for p in parquet_files(cfg.data.train)]  # type: ignore[arg-type]
+    ts = cfg.features.timestamp
+    log = ray.data.read_parquet(files, columns=cfg.features.column_names(), partitioning=None)
+    if cutoff is None:
+        return {"train": log}
+    return {
+        "train": log.filter(expr=f"{ts} < {cutoff}"),
+        "valid": log.filter(expr=f"{ts} >= {cutoff}"),
+    }
+
+
+def _in_order() -> DataConfig:
+    """Ray Train's ingest options with the training stream's order kept, so that the seeded
+    local shuffle sees the same rows in the same order on every run (what exact resume
+    needs; it costs the read tasks' freedom to hand blocks on as soon as they finish)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options={"train": options})
+
+
+def train(
+    cfg: ExperimentConfig, address: str | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Train an experiment; returns the final metrics and where the run lives.
+
+    An unfinished run of the same name resumes; a finished one only with `resume`.
+    """
+    use_gpu = cfg.train.device == "cuda" or (
+        cfg.train.device == "auto" and torch.cuda.is_available()
+    )
+    if not use_gpu and cfg.train.sparse_optimizer == "adam":
+        raise ConfigError(
+            "train.sparse_optimizer: 'adam' has no fused fbgemm kernel on CPU; "
+            "use rowwise_adagrad or sgd"
+        )
+    run_dir = run_dir_of(cfg)
+    if cfg.optembed.stage == "retrain" and not (run_dir / KEEP_FILE).exists():
+        raise ConfigError(
+            f"optembed.stage: retrain needs the supernet's row masks in {run_dir / KEEP_FILE}; "
+            "start retraining with `recsys retrain CONF`"
+        )
+    with RunFolder(run_dir, cfg, resume) as folder:
+        skipped = preflight(cfg)
+        cutoff = validation_cutoff(cfg, cfg.data.train)  # type: ignore[arg-type]
+        if not (run_dir / VOCAB_FILE).exists():
+            vocabularies = build_vocabularies(cfg, cfg.data.train, cutoff)  # type: ignore[arg-type]
+            save_vocabularies(run_dir, vocabularies)
+        folder.write_config()
+        start_ray(address, cfg.train.workers)
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "config": cfg.model_dump(mode="json"),
+                "run_dir": str(run_dir),
+                "skipped_rows": skipped.total,
+                "has_valid": cutoff is not None,
+            },
+            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            datasets=_datasets(cfg, cutoff),
+            dataset_config=_in_order(),
+            run_config=RunConfig(
+                name=cfg.name,
+                storage_path=str(run_dir.parent),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            ),
+        )
+        with progress_bar(run_dir / METRICS_FILE, enabled=sys.stderr.isatty()):
+            result = trainer.fit()
+        summary = {
+            "run_dir": str(run_dir),
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "metrics": result.metrics,
+            "skipped_rows": skipped.as_dict(),
+        }
+        folder.write_result(summary)
+    return summary

@@ -1,0 +1,324 @@
+"""The training loop of one Ray Train worker (rank): build, shard, resume, train, report.
+
+Each worker builds the model with its tables on the meta device, shards them with
+torchrec's `DistributedModelParallel`, and trains on its equal share of the stream.
+
+A resumed worker continues exactly where the checkpoint stopped: it restores model,
+dense and fused optimizer state, table state and its RNG states, re-reads its epoch's
+stream in the same seeded order (Ray Data in order, then a local shuffle buffer seeded by
+the run's seed, the epoch and the rank) and skips the batches consumed before the
+checkpoint, so on one worker the weights equal an uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from pipelines.build import build_model, load_keep_masks, load_vocabularies, table_sharding
+from pipelines.train.checkpoint import (
+    checkpoint_step,
+    incomplete_reason,
+    load_checkpoint,
+    newest_complete,
+    restore_rng,
+    save_checkpoint,
+)
+from pipelines.train.meter import Meter
+from pipelines.train.resume import DataPosition, position, resume_position
+from recsys.batch import BatchConverter
+from recsys.config import ExperimentConfig
+from recsys.contract import validate_table
+from recsys.metrics import evaluate_predictions
+from tables.collisionless.report import format_report, table_report
+from tables.collisionless.transform import bind_ownership, collisionless_transforms
+from tables.sharding import combined_optimizer, shard_model
+
+
+def _dense_optimizer(cfg: ExperimentConfig) -> Any:
+    kinds = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+    kind = kinds[cfg.train.dense_optimizer]
+    return lambda params: kind(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.weight_decay)
+
+
+def _own_optimizers(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Parameters trained apart from the dense optimizer: optembed's thresholds, by the
+    paper's plain SGD at their own learning rate."""
+    if not cfg.uses_optembed:
+        return {}
+    lr = cfg.optembed.threshold_lr
+    return {
+        "thresholds": (
+            lambda name: name.endswith("pooling.thresholds.threshold"),
+            lambda params: torch.optim.SGD(params, lr=lr),
+        )
+    }
+
+
+def _device(cfg: ExperimentConfig) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", ray.train.get_context().get_local_rank())
+    return torch.device("cpu")
+
+
+def shuffle_seed(cfg: ExperimentConfig, epoch: int, rank: int) -> int:
+    """The local shuffle's seed: a new order every epoch and rank, the same on every run."""
+    return int(np.random.SeedSequence([cfg.train.seed, epoch, rank]).generate_state(1)[0])
+
+
+def _arrow_batches(
+    shard: Any, cfg: ExperimentConfig, seed: int | None = None
+) -> Iterator[tuple[int, pa.Table]]:
+    """The worker's share of the stream as (rows read, validated Arrow table) pairs;
+    shuffled through a buffer of `data.shuffle_buffer` rows when `seed` is given."""
+    buffer = cfg.data.shuffle_buffer if seed is not None else 0
+    for table in shard.iter_batches(
+        batch_size=cfg.train.batch_size,
+        batch_format="pyarrow",
+        prefetch_batches=2,
+        local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=seed if buffer else None,
+    ):
+        clean, _ = validate_table(
+            table, cfg.features, "Ray Data stream", on_bad_rows=cfg.data.on_bad_rows
+        )
+        yield table.num_rows, clean
+
+
+def _gather_predictions(
+    model: torch.nn.Module, shard: Any, cfg: ExperimentConfig, device: torch.device
+) -> dict[str, np.ndarray]:
+    """Predict the worker's validation share; every rank receives everyone's predictions."""
+    convert = BatchConverter(cfg.features)
+    probs, labels, groups = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for _, table in _arrow_batches(shard, cfg):
+            batch = convert(table).to(device)
+            probs.append(torch.sigmoid(model(batch)).float().cpu().numpy())
+            labels.append(batch.labels.cpu().numpy())
+            if batch.group is not None:
+                groups.append(batch.group.cpu().numpy())
+    model.train()
+    local = {
+        "probs": np.concatenate(probs) if probs else np.zeros(0, np.float32),
+        "labels": np.concatenate(labels) if labels else np.zeros(0, np.float32),
+        "groups": np.concatenate(groups) if groups else None,
+    }
+    everyone: list[dict[str, Any]] = [{}] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    merged = {k: np.concatenate([p[k] for p in everyone]) for k in ("probs", "labels")}
+    merged["groups"] = (
+        np.concatenate([p["groups"] for p in everyone]) if local["groups"] is not None else None
+    )
+    return merged
+
+
+def _tables_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The embedding layer whose collisionless tables report stats: a CTR model's pooled
+    one, a sequence model's sequence tables."""
+    sparse = getattr(model, "sparse", None)
+    return sparse if sparse is not None else model.sequence  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def _average_norm_statistics(model: torch.nn.Module) -> None:
+    """Average the BatchNorm running statistics over the workers (a collective call).
+
+    torchrec's DMP wraps the dense part in DDP without buffer broadcasts, so each worker's
+    BatchNorm layers track the statistics of its own data. Averaging them before validation
+    and before every checkpoint makes all workers score with, and every checkpoint hold,
+    the same statistics, so `recsys evaluate` reproduces the validation training reports.
+    """
+    if dist.get_world_size() == 1:
+        return
+    stats = [
+        buffer
+        for module in model.modules()
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats
+        for buffer in (module.running_mean, module.running_var)
+        if buffer is not None
+    ]
+    if not stats:
+        return
+    flat = torch.cat([s.reshape(-1) for s in stats])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for s, averaged in zip(stats, flat.split([s.numel() for s in stats]), strict=True):
+        s.copy_(averaged.view_as(s))
+
+
+def _group_token() -> str:
+    """A name part shared by this worker group's checkpoints (rank 0 draws it).
+
+    A restarted group may resume from an older checkpoint than the newest folder on disk
+    (one left incomplete); its own checkpoints of the same steps get new folders instead
+    of writing into that one.
+    """
+    token = [secrets.token_hex(3) if dist.get_rank() == 0 else ""]
+    dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def _report(
+    metrics: dict[str, Any], model: Any, optimizer: Any, progress: dict[str, Any], token: str
+) -> None:
+    _average_norm_statistics(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), model, optimizer, progress)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_step{progress['step']:08d}_{token}",
+        )
+
+
+def _resume_from(run_dir: Path) -> Path | None:
+    """The complete checkpoint of the highest step among Ray's (after a worker failure)
+    and the run folder's, else None (a new run). Rank 0 chooses, every rank takes it.
+
+    Ray's may be older than the newest on disk: a checkpoint reported just before a worker
+    died is complete on disk before the controller has registered it.
+    """
+    choice: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        candidates = []
+        given = ray.train.get_checkpoint()
+        if given is not None:
+            reason = incomplete_reason(Path(given.path))
+            if reason is None:
+                candidates.append(Path(given.path))
+            else:
+                print(f"skipping incomplete checkpoint {given.path}: {reason}", flush=True)
+        with contextlib.suppress(FileNotFoundError):  # a new run: none written yet
+            candidates.append(newest_complete(run_dir))
+        if candidates:
+            choice[0] = str(max(candidates, key=checkpoint_step))
+    dist.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    cfg = ExperimentConfig.model_validate(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = _device(cfg)
+    torch.manual_seed(cfg.train.seed)
+
+    model = build_model(
+        cfg,
+        load_vocabularies(run_dir),
+        table_device=torch.device("meta"),
+        keep=load_keep_masks(run_dir),
+    )
+    # optembed's threshold term (CTR models only: sequence models have no `sparse`)
+    regularizer = getattr(getattr(model, "sparse", None), "regularizer", None)
+    collisionless = any(collisionless_transforms(model))
+    # IDs (and table stats) travel between ranks over a gloo group, even next to NCCL.
+    gloo = dist.new_group(backend="gloo") if collisionless else None
+    if gloo is not None:
+        bind_ownership(model, rank, gloo)
+    t = cfg.train
+    dmp = shard_model(
+        model,
+        sharding=table_sharding(model),
+        optimizer=t.sparse_optimizer,
+        lr=t.sparse_lr,
+        pg=dist.GroupMember.WORLD,
+        device=device,
+    )
+    optimizer = combined_optimizer(
+        dmp, t.sparse_optimizer, t.sparse_lr, _dense_optimizer(cfg), _own_optimizers(cfg)
+    )
+    token = _group_token()
+
+    meter = Meter(run_dir, world)
+    progress = position(0, 0, 0, 0, world, t.batch_size)
+    start = DataPosition(0)
+    source = _resume_from(run_dir)
+    if source is not None:
+        progress = load_checkpoint(source, dmp, optimizer)
+        exact = restore_rng(source) and progress.get("world_size") == world
+        start = resume_position(progress, world, t.batch_size)
+        if rank == 0:
+            how = "exactly" if exact and start.note is None else "approximately (see the log)"
+            print(f"resumed {how} from {source} at step {progress['step']}", flush=True)
+            if start.note:
+                print(f"data position: {start.note}", flush=True)
+            meter.write({"resumed_step": progress["step"], "checkpoint": str(source)})
+            if start.note:
+                meter.write({"data_position": start.note})
+
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    convert = BatchConverter(cfg.features)
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid") if loop_config["has_valid"] else None
+    # A due checkpoint is written just before the next step, so that the end of training
+    # (which always checkpoints) never writes the same step twice.
+    checkpoint_due = False
+    resume_epoch = progress["epoch"]
+    for epoch in range(resume_epoch, cfg.train.epochs):
+        skip = start.batches if epoch == resume_epoch else 0
+        pulled = 0  # rows this worker read in the epoch, skipped ones included
+        stream = _arrow_batches(train_shard, cfg, shuffle_seed(cfg, epoch, rank))
+        for i, (rows, table) in enumerate(stream):
+            pulled += rows
+            if i < skip:
+                continue  # consumed before the checkpoint this run resumed from
+            if checkpoint_due:
+                _report(meter.snapshot(progress["step"], epoch), dmp, optimizer, progress, token)
+                checkpoint_due = False
+            batch = convert(table).to(device, non_blocking=True)
+            logits = dmp(batch)
+            loss = loss_fn(logits, batch.labels)
+            penalty = regularizer() if regularizer is not None else None
+            objective = loss if penalty is None else loss + penalty
+            optimizer.zero_grad()
+            objective.backward()
+            optimizer.step()
+            progress = position(progress["step"] + 1, epoch, i + 1, pulled, world, t.batch_size)
+            meter.add(logits, batch.labels, float(loss))
+            step = progress["step"]
+            if step % cfg.train.log_every == 0:
+                interval = meter.snapshot(step, epoch)
+                tables = table_report(_tables_of(dmp.module), gloo) if collisionless else {}
+                if rank == 0:
+                    print(" ".join(f"{k}={v:.4g}" for k, v in interval.items()), flush=True)
+                    if tables:
+                        print(format_report(tables), flush=True)
+                    meter.write({**interval, **({"tables": tables} if tables else {})})
+            checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+            if cfg.train.max_steps and step >= cfg.train.max_steps:
+                break  # mid-epoch: the position stays, so a longer run continues the epoch
+        else:
+            progress = position(progress["step"], epoch + 1, 0, 0, world, t.batch_size)
+            continue
+        break
+
+    final = {**meter.snapshot(progress["step"], progress["epoch"])} if meter.labels else {}
+    if valid_shard is not None:
+        _average_norm_statistics(dmp)
+        valid = _gather_predictions(dmp, valid_shard, cfg, device)
+        if len(valid["labels"]):
+            scores = evaluate_predictions(valid["labels"], valid["probs"], valid["groups"])
+            final.update({f"valid_{k}": v for k, v in scores.items()})
+    final["skipped_rows"] = loop_config["skipped_rows"]
+    if collisionless:  # counters since the last log line; sizes as at the end
+        final["tables"] = table_report(_tables_of(dmp.module), gloo)
+    if rank == 0:
+        meter.write({"final": True, **final})
+        print("final " + json.dumps(final, default=float), flush=True)
+    _report(final, dmp, optimizer, progress, token)

@@ -1,0 +1,171 @@
+"""The sections of an experiment besides features and tables: model, data, train, eval,
+export and OptEmbed's stages."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from recsys.config.base import PositiveInt, Strict
+
+SEQUENCE_MODELS = ("din", "twin", "twin_proj", "dare")
+
+
+class ModelConfig(Strict):
+    """CTR models (dlrm, deepfm, dcnv2) read pooled embeddings; sequence models (din,
+    twin, twin_proj, dare) read features.sequences as item, category behaviours."""
+
+    name: Literal["dlrm", "deepfm", "dcnv2", "din", "twin", "twin_proj", "dare"] = "dlrm"
+    dense_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256, 64])
+    over_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256])
+    cross_layers: PositiveInt = 3  # DCN-v2
+    cross_low_rank: PositiveInt | None = None  # DCN-v2 low-rank (mixture-free) cross
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    top_k: PositiveInt = 20  # twin, twin_proj, dare: behaviours kept by the search
+    din_length: PositiveInt = 200  # din: the most recent behaviours it attends over
+    # Sequence models: rows of the time-position tables (row 0: the target; row p: the
+    # p-th most recent behaviour; older behaviours share the last row).
+    time_positions: PositiveInt = 256
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.name in SEQUENCE_MODELS
+
+
+class OptEmbedSearchConfig(Strict):
+    """Evolutionary search over per-feature dims (`recsys search`); the paper's defaults:
+    population 20 = 10 mutations + 10 crossovers bred from the top 10, 30 rounds."""
+
+    rounds: PositiveInt = 30
+    mutations: Annotated[int, Field(ge=0)] = 10
+    crossovers: Annotated[int, Field(ge=0)] = 10
+    parents: PositiveInt = 10
+    mutate_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    seed: int = 0
+    workers: PositiveInt = 2  # Ray actors scoring candidates in parallel
+
+    @model_validator(mode="after")
+    def _population(self) -> OptEmbedSearchConfig:
+        if self.mutations + self.crossovers < 1:
+            raise ValueError("mutations + crossovers (the population) must be at least 1")
+        if self.parents > self.mutations + self.crossovers:
+            raise ValueError(
+                f"parents ({self.parents}) cannot exceed the population "
+                f"({self.mutations + self.crossovers})"
+            )
+        return self
+
+
+class OptEmbedConfig(Strict):
+    """OptEmbed (Lyu et al., CIKM 2022) for the `variant: optembed` tables.
+
+    `stage: supernet` trains per-feature row-pruning thresholds (their own SGD at
+    `threshold_lr`, `alpha * sum exp(-t)` added to the loss) with dims sampled per sample
+    from 1..embedding_dim; `recsys search` then picks dims; `stage: retrain` (written by
+    `recsys retrain`) trains with those `dims` and the supernet's row masks fixed.
+    Defaults are the paper's (DCN on Criteo); alpha ranges 1e-6..1e-4 there.
+    """
+
+    alpha: Annotated[float, Field(ge=0.0)] = 1e-5
+    threshold_lr: Annotated[float, Field(gt=0.0)] = 1e-4
+    norm: Literal[1, 2] = 1  # row norm compared with the threshold: L1 (paper) or L2
+    stage: Literal["supernet", "retrain"] = "supernet"
+    dims: dict[str, PositiveInt] | None = None  # retrain: one dim per optembed feature
+    supernet_run: str | None = None  # retrain: the supernet run its row masks come from
+    search: OptEmbedSearchConfig = Field(default_factory=lambda: OptEmbedSearchConfig())
+
+
+class LogitStd(Strict):
+    dense: Annotated[float, Field(ge=0.0)] = 0.35
+    bias: Annotated[float, Field(ge=0.0)] = 0.9
+    pairs: Annotated[float, Field(ge=0.0)] = 0.7
+    user: Annotated[float, Field(ge=0.0)] = 0.5
+
+
+class CtrSyntheticConfig(Strict):
+    """Criteo-like click logs with a planted click model (see recsys.synth)."""
+
+    family: Literal["ctr"] = "ctr"
+    seed: int = 0
+    days: PositiveInt = 7
+    # Sparse vocabularies are spread log-uniformly between these sizes across features...
+    vocab_min: PositiveInt = 10
+    vocab_max: PositiveInt = 100_000_000
+    # ...unless named here explicitly.
+    vocab: dict[str, PositiveInt] = Field(default_factory=dict)
+    zipf_exponent: Annotated[float, Field(gt=1.0)] = 1.1
+    # Share of each feature's active vocabulary replaced by new IDs per day.
+    daily_drift: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    latent_dim: PositiveInt = 8
+    noise: Annotated[float, Field(ge=0.0)] = 0.5
+    # Spread (std, in logits) of each part of the planted click logit: dense features,
+    # first-order ID effects, pairwise ID interactions, user x item affinity. The defaults
+    # give an oracle AUC near 0.78; a smaller `pairs` makes the log learnable from fewer rows.
+    logit_std: LogitStd = Field(default_factory=lambda: LogitStd())
+    base_ctr: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    max_bag: PositiveInt = 5  # multi-valued features draw 1..max_bag IDs
+    num_users: PositiveInt = 100_000  # user population (Zipf-ish activity) behind user_id
+
+
+class SequenceSyntheticConfig(Strict):
+    """Taobao-like behaviour logs with decoupled attention/representation factors."""
+
+    family: Literal["sequence"] = "sequence"
+    seed: int = 0
+    days: PositiveInt = 7
+    num_users: PositiveInt = 10_000
+    num_items: PositiveInt = 1_000_000
+    num_categories: PositiveInt = 1_000
+    min_history: PositiveInt = 50
+    max_history: PositiveInt = 5_000
+    latent_dim: PositiveInt = 8
+    noise: Annotated[float, Field(ge=0.0)] = 0.5
+    item_feature: str = "item_id"
+    category_feature: str = "category_id"
+
+
+class DataConfig(Strict):
+    train: str | None = None  # Parquet file or directory (searched recursively)
+    valid_days: Annotated[int, Field(ge=0)] = 1  # newest days of `train` held out for validation
+    # error: the first bad row stops the run with its file, column and row;
+    # skip: bad rows are dropped and counted per file and per reason.
+    on_bad_rows: Literal["error", "skip"] = "error"
+    # Rows of the local shuffle buffer each worker draws its batches from, in a new seeded
+    # order every epoch (train.seed, epoch, rank); 0 reads the log in file order.
+    shuffle_buffer: Annotated[int, Field(ge=0)] = 65_536
+    synthetic: CtrSyntheticConfig | SequenceSyntheticConfig | None = Field(
+        default=None, discriminator="family"
+    )
+
+
+class TrainConfig(Strict):
+    workers: PositiveInt = 1
+    batch_size: PositiveInt = 4096
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    sparse_optimizer: Literal["rowwise_adagrad", "adam", "sgd"] = "rowwise_adagrad"
+    sparse_lr: Annotated[float, Field(gt=0.0)] = 0.05
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    seed: int = 0
+    log_every: PositiveInt = 50
+    checkpoint_every: PositiveInt | None = None
+    # Ray Train restarts a failed worker group this many times, each from the newest
+    # complete checkpoint (checkpoint_every sets how much work a failure can cost).
+    max_failures: Annotated[int, Field(ge=0)] = 3
+    keep_checkpoints: PositiveInt = 2  # the newest N checkpoints; older ones are deleted
+    run_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvalConfig(Strict):
+    report_dir: str | None = None  # default: <run>/eval
+    # GAUC groups rows by features.user_id; rows of users with one class only are skipped.
+    gauc: bool = True
+
+
+class ExportConfig(Strict):
+    out: str | None = None
+    dtype: Literal["float32", "float16", "int8"] = "float32"

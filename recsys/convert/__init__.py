@@ -1,0 +1,1 @@
+"""Converters of public logs (Criteo) to the project's Parquet log contract."""
