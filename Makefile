@@ -1,6 +1,6 @@
 # The README's commands. Each target sets up .venv first when it is missing or stale.
 #   make demo     synthetic log -> train DLRM on 2 local Ray workers -> evaluate -> export -> predict
-#   make test     lint + the default test suite (slow tests excluded)
+#   make test     lint + the whole test suite, multi-rank and Ray tests included
 #   DEVICE=cuda make ...   installs the CUDA builds (torch from PyPI, fbgemm-gpu) instead
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -18,7 +18,7 @@ else
 TORCH_STEP := $(PIP) install torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 endif
 
-.PHONY: venv demo test test-slow lint bench-ingest clean
+.PHONY: venv demo test lint bench-ingest clean
 
 venv: $(STAMP)
 
@@ -58,10 +58,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check recsys tables models pipelines tests bench
 
 test: $(STAMP) lint
-	$(VENV)/bin/pytest -q -m "not slow"
-
-test-slow: $(STAMP)
-	$(VENV)/bin/pytest -q -m slow
+	$(VENV)/bin/pytest -q
 
 bench-ingest: $(STAMP)
 	$(PY) bench/ingest.py

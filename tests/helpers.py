@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import faulthandler
 import socket
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -30,22 +29,8 @@ def free_port() -> int:
 
 def spawn_ranks(worker: Callable[..., None], world: int, *args: object) -> None:
     """Run `worker(rank, port, *args)` in `world` spawned processes on a fresh loopback port.
-
-    A rank killed by SIGABRT is run again once, with a warning: one CI run saw a rank of a
-    gloo test abort in native code (its message was cut from the log; the test passed in
-    every one of 22 reruns here). An abort twice in a row, or any other failure, fails the
-    test as it is.
-    """
-    for attempt in (1, 2):
-        try:
-            mp.start_processes(
-                worker, args=(free_port(), *args), nprocs=world, start_method="spawn"
-            )
-            return
-        except mp.ProcessExitedException as exc:
-            if exc.signal_name != "SIGABRT" or attempt == 2:
-                raise
-            warnings.warn(f"rank aborted, running the ranks again: {exc}", stacklevel=2)
+    A rank that dies fails the test: a crash is reported, never retried."""
+    mp.start_processes(worker, args=(free_port(), *args), nprocs=world, start_method="spawn")
 
 
 @contextmanager

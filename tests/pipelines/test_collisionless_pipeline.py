@@ -5,12 +5,12 @@ resume the run on 1 worker."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from pipelines.build import build_model, latest_checkpoint, load_trained, load_vocabularies
@@ -18,50 +18,40 @@ from pipelines.export.writer import export
 from pipelines.train.checkpoint import load_model_weights
 from pipelines.train.driver import train
 from recsys.batch import BatchConverter
-from recsys.config import ExperimentConfig, load_config
+from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
-from recsys.synth import generate
 from tables.collisionless.transform import collisionless_transforms
+from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, run_config, trained_run
 
-HELD_OUT_DAY = "day=2026-01-03"
 CAPACITY = 512
 
 
-def _config(repo: Path, tmp: Path, *extra: str) -> ExperimentConfig:
-    return load_config(
-        repo / "conf" / "demo.yaml",
-        [
-            f"data.train={tmp / 'log'}",
-            f"train.run_dir={tmp / 'runs'}",
-            "data.synthetic.days=3",
-            "tables.0.variant=collisionless",
-            f"tables.0.capacity={CAPACITY}",
-            "tables.0.ttl=43200",
-            "tables.0.evict_every=3600",
-            "tables.0.embedding_dim=8",
-            "model.dense_arch=[16, 8]",
-            "model.over_arch=[32]",
-            "train.batch_size=1024",
-            "train.log_every=5",
-            "train.checkpoint_every=10",
-            *extra,
-        ],
+def _config(tmp: Path, *extra: str) -> ExperimentConfig:
+    return run_config(
+        "demo.yaml",
+        tmp,
+        *SMALL_CTR,
+        "tables.0.variant=collisionless",
+        f"tables.0.capacity={CAPACITY}",
+        "tables.0.ttl=43200",
+        "tables.0.evict_every=3600",
+        "train.log_every=5",
+        "train.checkpoint_every=10",
+        *extra,
     )
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, Path, dict]:
-    repo = Path(__file__).resolve().parents[2]
+def trained(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
     tmp = tmp_path_factory.mktemp("collisionless")
-    cfg = _config(repo, tmp)
-    generate(cfg, rows=20_000, out=tmp / "log")
-    result = train(cfg)
-    yield cfg, tmp, result
-    ray.shutdown()
+    cfg = _config(tmp)
+    with trained_run(cfg, tmp, rows=20_000) as result:
+        yield cfg, tmp, result
 
 
-@pytest.mark.slow  # a 2-worker Ray training run: ~2 min on 2 busy cores
 def test_training_logs_table_stats(trained) -> None:
     cfg, _, result = trained
     records = [
@@ -79,7 +69,6 @@ def test_training_logs_table_stats(trained) -> None:
     assert 0.5 < result["metrics"]["valid_auc"] < 1.0
 
 
-@pytest.mark.slow
 def test_export_serves_exactly_what_the_trained_model_scores(trained) -> None:
     cfg, tmp, result = trained
     data = tmp / "log" / HELD_OUT_DAY
@@ -103,14 +92,11 @@ def test_export_serves_exactly_what_the_trained_model_scores(trained) -> None:
         assert len(ids) <= 2 * CAPACITY
 
 
-@pytest.mark.slow  # one more Ray run, on 1 worker: ~1 min; it continues the module's run
 def test_resumes_on_one_worker(trained, repo: Path) -> None:
     """The 2-worker checkpoint (ranks' files merged by Ray) read as 1 worker holds every
     live ID's row; `recsys train` with `train.workers=1` then resumes from it."""
     _, tmp, first = trained
-    one = _config(
-        repo, tmp, "train.workers=1", f"tables.0.capacity={2 * CAPACITY}", "train.epochs=2"
-    )
+    one = _config(tmp, "train.workers=1", f"tables.0.capacity={2 * CAPACITY}", "train.epochs=2")
     _, saved, _ = load_trained(first["run_dir"])
     model = build_model(one, load_vocabularies(Path(first["run_dir"])))
     load_model_weights(latest_checkpoint(Path(first["run_dir"])), model)

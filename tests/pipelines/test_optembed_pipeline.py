@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,46 +15,36 @@ from pipelines.build import load_trained
 from pipelines.export.writer import export
 from pipelines.optembed import BEST_FILE, CURVE_PNG, SEARCH_DIR, STATE_FILE, retrain, search
 from pipelines.train.driver import train
-from recsys.config import ExperimentConfig, load_config
+from recsys.config import ExperimentConfig
 from recsys.serving.model import ServingModel
 from recsys.synth import generate
 from tests.helpers import trained_probabilities
-
-pytestmark = pytest.mark.slow
-HELD_OUT_DAY = "day=2026-01-03"
+from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, run_config, trained_run
 
 
-def _config(repo: Path, tmp: Path, *extra: str) -> ExperimentConfig:
-    return load_config(
-        repo / "conf" / "demo.yaml",
-        [
-            f"data.train={tmp / 'log'}",
-            f"train.run_dir={tmp / 'runs'}",
-            "data.synthetic.days=3",
-            "tables.0.variant=optembed",
-            "tables.0.storage=full",
-            "tables.0.embedding_dim=8",
-            "model.dense_arch=[16, 8]",
-            "model.over_arch=[32]",
-            "train.batch_size=1024",
-            "train.log_every=5",
-            "optembed.alpha=0.01",
-            "optembed.threshold_lr=0.05",
-            "optembed.search={rounds: 1, mutations: 2, crossovers: 2, parents: 2, workers: 2}",
-            *extra,
-        ],
+def _config(tmp: Path, *extra: str) -> ExperimentConfig:
+    return run_config(
+        "demo.yaml",
+        tmp,
+        *SMALL_CTR,
+        "tables.0.variant=optembed",
+        "tables.0.storage=full",
+        "train.log_every=5",
+        "optembed.alpha=0.01",
+        "optembed.threshold_lr=0.05",
+        "optembed.search={rounds: 1, mutations: 2, crossovers: 2, parents: 2, workers: 2}",
+        *extra,
     )
 
 
 @pytest.fixture(scope="module")
-def supernet(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, Path, dict]:
-    repo = Path(__file__).resolve().parents[2]
+def supernet(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
     tmp = tmp_path_factory.mktemp("optembed")
-    cfg = _config(repo, tmp)
-    generate(cfg, rows=30_000, out=tmp / "log")
-    result = train(cfg)
-    yield cfg, tmp, result
-    ray.shutdown()
+    cfg = _config(tmp)
+    with trained_run(cfg, tmp, rows=30_000) as result:
+        yield cfg, tmp, result
 
 
 def test_supernet_trains_thresholds_and_keeps_them_in_its_checkpoint(supernet) -> None:
@@ -70,7 +61,7 @@ def test_search_resumes_then_retrain_exports_a_compact_table(supernet, repo: Pat
     first = search(cfg)
     state = json.loads((run / SEARCH_DIR / STATE_FILE).read_text())
     assert state["round"] == 1 and first["rounds"] == 1
-    more = _config(repo, tmp, "optembed.search.rounds=2")
+    more = _config(tmp, "optembed.search.rounds=2")
     best = search(more)  # resumes at round 1 rather than starting over
     assert best["rounds"] == 2 and best["valid_auc"] >= first["valid_auc"]
     assert (run / SEARCH_DIR / CURVE_PNG).stat().st_size > 5_000
@@ -89,7 +80,7 @@ def test_search_resumes_then_retrain_exports_a_compact_table(supernet, repo: Pat
 def test_collisionless_storage_end_to_end(tmp_path: Path, repo: Path) -> None:
     """Supernet over collisionless storage on 2 workers (IDs routed to their owners),
     search, a retrain that admits only the kept IDs, and the compact export of those."""
-    cfg = _config(repo, tmp_path, "tables.0.storage=collisionless", "tables.0.capacity=3000")
+    cfg = _config(tmp_path, "tables.0.storage=collisionless", "tables.0.capacity=3000")
     generate(cfg, rows=30_000, out=tmp_path / "log")
     supernet = train(cfg)
     assert supernet["metrics"]["tables"]  # the table report reads optembed's collections

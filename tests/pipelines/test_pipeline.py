@@ -3,53 +3,43 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from sklearn.metrics import roc_auc_score
 
 from pipelines.evaluate import evaluate
 from pipelines.export.writer import export
 from pipelines.train.driver import train
-from recsys.config import ExperimentConfig, load_config
+from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
-from recsys.synth import generate
 from tests.helpers import trained_probabilities
+from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, run_config, trained_run
 
-HELD_OUT_DAY = "day=2026-01-03"
 
-
-def _config(repo: Path, tmp: Path, *extra: str) -> ExperimentConfig:
-    return load_config(
-        repo / "conf" / "demo.yaml",
-        [
-            f"data.train={tmp / 'log'}",
-            f"train.run_dir={tmp / 'runs'}",
-            "data.synthetic.days=3",
-            "tables.0.embedding_dim=8",
-            "model.dense_arch=[16, 8]",
-            "model.over_arch=[32]",
-            "train.batch_size=1024",
-            "train.epochs=1",
-            "train.log_every=5",
-            "train.checkpoint_every=5",
-            *extra,
-        ],
+def _config(tmp: Path, *extra: str) -> ExperimentConfig:
+    return run_config(
+        "demo.yaml",
+        tmp,
+        *SMALL_CTR,
+        "train.epochs=1",
+        "train.log_every=5",
+        "train.checkpoint_every=5",
+        *extra,
     )
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, Path, dict]:
-    repo = Path(__file__).resolve().parents[2]
+def trained(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = _config(repo, tmp)
-    generate(cfg, rows=30_000, out=tmp / "log")
-    result = train(cfg)
-    yield cfg, tmp, result
-    ray.shutdown()
+    cfg = _config(tmp)
+    with trained_run(cfg, tmp, rows=30_000) as result:
+        yield cfg, tmp, result
 
 
 def test_training_reports_progress_metrics_and_checkpoints(trained) -> None:
@@ -101,6 +91,6 @@ def test_export_scores_exactly_what_the_trained_model_scores(trained) -> None:
 def test_running_again_resumes_from_the_last_checkpoint(trained, repo: Path) -> None:
     _, tmp, first = trained
     steps_per_epoch = first["metrics"]["step"]
-    again = train(_config(repo, tmp, "train.epochs=2"), resume=True)
+    again = train(_config(tmp, "train.epochs=2"), resume=True)
     assert again["metrics"]["step"] == 2 * steps_per_epoch
     assert again["metrics"]["epoch"] == 2

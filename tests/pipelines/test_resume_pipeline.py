@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import polars as pl
-import pytest
 import ray
 
 from pipelines.train.driver import train
@@ -19,17 +18,16 @@ BATCH = 1024
 STOP = 4  # steps of the 2-worker run: 2 x 4 x 1024 examples of a ~13k-row epoch
 
 
-@pytest.mark.slow  # two Ray training runs (2 workers, then 1): ~2 min on 2 busy cores
 def test_mid_epoch_resume_on_fewer_workers_skips_all_consumed_examples(
     tmp_path: Path, repo: Path
 ) -> None:
-    two = _config(repo, tmp_path, f"train.max_steps={STOP}", "train.epochs=1")
+    two = _config(tmp_path, f"train.max_steps={STOP}", "train.epochs=1")
     generate(two, rows=20_000, out=tmp_path / "log")
     try:
         first = train(two)
         assert first["metrics"]["step"] == STOP and first["metrics"]["epoch"] == 0
         one = _config(
-            repo, tmp_path, "train.workers=1", f"tables.0.capacity={2 * CAPACITY}", "train.epochs=1"
+            tmp_path, "train.workers=1", f"tables.0.capacity={2 * CAPACITY}", "train.epochs=1"
         )
         again = train(one, resume=True)
     finally:

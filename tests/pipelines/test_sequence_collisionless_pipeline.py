@@ -5,33 +5,29 @@ read by one process, evaluation and export / serving of its live rows."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from sklearn.metrics import roc_auc_score
 
 from pipelines.build import load_trained
 from pipelines.evaluate import evaluate
 from pipelines.export.writer import export
-from pipelines.train.driver import train
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
-from recsys.synth import generate
-from tests.pipelines.test_sequence_pipeline import HELD_OUT_DAY
-from tests.pipelines.test_sequence_pipeline import _config as coupled_config
-
-pytestmark = pytest.mark.slow  # one 2-worker Ray training run: a few minutes on 2 cores
+from tests.pipelines.runs import HELD_OUT_DAY, trained_run
+from tests.pipelines.test_sequence_pipeline import sequence_config
 
 CAPACITY = 2048  # rows per worker
 
 
-def _config(repo: Path, tmp: Path) -> ExperimentConfig:
-    cfg = coupled_config(repo, tmp)
+def _config(tmp: Path) -> ExperimentConfig:
+    cfg = sequence_config(tmp)
     item = cfg.tables[0].model_dump() | {
         "storage": "collisionless",
         "sharding": "auto",
@@ -45,14 +41,13 @@ def _config(repo: Path, tmp: Path) -> ExperimentConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, Path, dict]:
-    repo = Path(__file__).resolve().parents[2]
+def trained(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
     tmp = tmp_path_factory.mktemp("seq_cl_e2e")
-    cfg = _config(repo, tmp)
-    generate(cfg, rows=6_000, out=tmp / "log")
-    result = train(cfg)
-    yield cfg, tmp, result
-    ray.shutdown()
+    cfg = _config(tmp)
+    with trained_run(cfg, tmp, rows=6_000) as result:
+        yield cfg, tmp, result
 
 
 def test_trains_and_reports_the_shared_id_map(trained) -> None:

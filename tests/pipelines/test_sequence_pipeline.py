@@ -5,62 +5,53 @@ served."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from sklearn.metrics import roc_auc_score
 
 from pipelines.build import load_trained
 from pipelines.evaluate import evaluate
 from pipelines.export.writer import export
-from pipelines.train.driver import train
 from recsys.batch import BatchConverter
-from recsys.config import ExperimentConfig, load_config
+from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
-from recsys.synth import generate
-
-HELD_OUT_DAY = "day=2026-01-03"
-
-pytestmark = pytest.mark.slow  # two Ray training runs: a few minutes on 2 cores
+from tests.pipelines.runs import HELD_OUT_DAY, run_config, trained_run
 
 
-def _config(repo: Path, tmp: Path) -> ExperimentConfig:
-    return load_config(
-        repo / "conf" / "taobao_dare.yaml",
-        [
-            f"data.train={tmp / 'log'}",
-            f"train.run_dir={tmp / 'runs'}",
-            "data.synthetic.days=3",
-            "data.synthetic.num_users=300",
-            "data.synthetic.num_items=5000",
-            "data.synthetic.num_categories=40",
-            "data.synthetic.min_history=5",
-            "data.synthetic.max_history=80",
-            "tables.0.storage=full",
-            "tables.0.num_embeddings=null",
-            "tables.0.attention_dim=8",
-            "tables.0.sharding=row_wise",
-            "tables.1.sharding=column_wise",
-            "train.workers=2",
-            "train.batch_size=256",
-            "train.log_every=4",
-        ],
+def sequence_config(tmp: Path) -> ExperimentConfig:
+    return run_config(
+        "taobao_dare.yaml",
+        tmp,
+        "data.synthetic.days=3",
+        "data.synthetic.num_users=300",
+        "data.synthetic.num_items=5000",
+        "data.synthetic.num_categories=40",
+        "data.synthetic.min_history=5",
+        "data.synthetic.max_history=80",
+        "tables.0.storage=full",
+        "tables.0.num_embeddings=null",
+        "tables.0.attention_dim=8",
+        "tables.0.sharding=row_wise",
+        "tables.1.sharding=column_wise",
+        "train.workers=2",
+        "train.batch_size=256",
+        "train.log_every=4",
     )
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, Path, dict]:
-    repo = Path(__file__).resolve().parents[2]
+def trained(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
     tmp = tmp_path_factory.mktemp("seq_e2e")
-    cfg = _config(repo, tmp)
-    generate(cfg, rows=6_000, out=tmp / "log")
-    result = train(cfg)
-    yield cfg, tmp, result
-    ray.shutdown()
+    cfg = sequence_config(tmp)
+    with trained_run(cfg, tmp, rows=6_000) as result:
+        yield cfg, tmp, result
 
 
 def test_dare_trains_on_ray_with_sharded_decoupled_tables(trained) -> None:

@@ -268,7 +268,6 @@ def test_sharded_equals_unsharded(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ sweep
 
 
-@pytest.mark.slow
 def test_sweep_writes_the_frontier(repo: Path, tmp_path: Path) -> None:
     import ray
 

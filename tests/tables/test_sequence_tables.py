@@ -321,7 +321,6 @@ def _sharding_worker(rank: int, port: int, out: str) -> None:
             Path(out).write_text(json.dumps([e for part in everyone for e in part]))
 
 
-@pytest.mark.slow  # two spawned ranks with torchrec imports: about a minute on 2 cores
 def test_sharded_sequence_model_equals_unsharded(tmp_path: Path) -> None:
     out = tmp_path / "errors.json"
     spawn_ranks(_sharding_worker, WORLD, str(out))

@@ -484,7 +484,6 @@ def restored(
     return results
 
 
-@pytest.mark.slow  # two spawned torchrec jobs: ~2.5 min on 2 busy cores
 def test_two_ranks_learn_what_one_rank_learns(runs: dict[int, dict[str, Any]]) -> None:
     one, two = runs[1], runs[2]
     np.testing.assert_allclose(two["logits"], one["logits"], atol=1e-5)
@@ -496,12 +495,10 @@ def test_two_ranks_learn_what_one_rank_learns(runs: dict[int, dict[str, Any]]) -
         np.testing.assert_allclose(two["dense"][key], value, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.slow
 def test_two_rank_checkpoint_resumes_bitwise(runs: dict[int, dict[str, Any]]) -> None:
     assert runs[2]["resumed"]
 
 
-@pytest.mark.slow  # two more spawned torchrec jobs: ~30 s, more on busy cores
 @pytest.mark.parametrize("move", [(2, 1), (1, 2)])
 def test_restore_onto_another_worker_count_continues_exactly(
     move: tuple[int, int],
@@ -527,7 +524,6 @@ def test_restore_onto_another_worker_count_continues_exactly(
             np.testing.assert_allclose(got["after_rows"][name][key], row, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_reports_are_summed_over_ranks(runs: dict[int, dict[str, Any]]) -> None:
     one, two = runs[1]["report"], runs[2]["report"]
     counts = ("lookups", "hits", "admitted", "filtered", "expired", "live_rows", "row_bytes")

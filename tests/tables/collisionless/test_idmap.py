@@ -148,7 +148,7 @@ def test_matches_dict_reference(policy: str, capacity: int, native: bool) -> Non
 
 
 def test_native_kernels_are_built() -> None:
-    """`make venv` builds tables/csrc; without it the map silently runs 2x slower."""
+    """`make venv` builds tables/collisionless/csrc; without it the map silently runs 2x slower."""
     assert kernels.NATIVE
 
 

@@ -336,7 +336,6 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
             Path(out).write_text(json.dumps([e for part in everyone for e in part]))
 
 
-@pytest.mark.slow  # two spawned ranks with torchrec imports: about a minute on 2 cores
 def test_two_ranks_equal_one_unsharded_model(tmp_path: Path) -> None:
     out = tmp_path / "errors.json"
     spawn_ranks(_two_rank_worker, WORLD, str(out))

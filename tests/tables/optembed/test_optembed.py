@@ -272,7 +272,6 @@ def test_fused_block_math_matches_the_eager_masks(monkeypatch: pytest.MonkeyPatc
     _fused_against_pooling(monkeypatch)
 
 
-@pytest.mark.slow
 def test_compiled_fused_block_matches_the_eager_masks() -> None:
     """The Inductor-compiled kernels (a first compile takes about 15 s)."""
     _fused_against_pooling(None)

@@ -1,0 +1,43 @@
+"""Small Ray training runs for the pipeline tests: a config whose log and run folder live
+in a test's temporary folder, and a run trained once (per module) on embedded Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+
+from pipelines.train.driver import train
+from recsys.config import ExperimentConfig, load_config
+from recsys.synth import generate
+
+REPO = Path(__file__).resolve().parents[2]
+HELD_OUT_DAY = "day=2026-01-03"  # the last of three synthetic days: the validation split
+SMALL_CTR = (  # conf/demo.yaml cut down to seconds per epoch
+    "data.synthetic.days=3",
+    "tables.0.embedding_dim=8",
+    "model.dense_arch=[16, 8]",
+    "model.over_arch=[32]",
+    "train.batch_size=1024",
+)
+
+
+def run_config(conf: str, tmp: Path, *overrides: str) -> ExperimentConfig:
+    """`conf/<conf>` with its log under `tmp/log` and its runs under `tmp/runs`."""
+    return load_config(
+        REPO / "conf" / conf,
+        [f"data.train={tmp / 'log'}", f"train.run_dir={tmp / 'runs'}", *overrides],
+    )
+
+
+@contextmanager
+def trained_run(cfg: ExperimentConfig, tmp: Path, rows: int) -> Iterator[dict]:
+    """Write `rows` of the config's synthetic log, train it, yield `train`'s result; Ray
+    is shut down afterwards, so the next module starts its own."""
+    generate(cfg, rows=rows, out=tmp / "log")
+    try:
+        yield train(cfg)
+    finally:
+        ray.shutdown()
