@@ -38,8 +38,8 @@ from models.sequence import (
     FieldDims,
     SequenceInputs,
     build_sequence_model,
-    reverse_positions,
 )
+from tables.sequence import reverse_positions
 
 HISTORY = 2_000
 USERS = 1_000

@@ -10,7 +10,7 @@ is exactly TWIN. `model.decoupled` tells the caller which kind of tables to buil
 
 A vector (target or behaviour) is the concatenation of item, category and time-position
 embeddings, in that order. The time index is the reverse position in the history (most
-recent behaviour = 1, see `reverse_positions`) and 0 for the target.
+recent behaviour = 1, see `tables.sequence.reverse_positions`) and 0 for the target.
 
 Export: every model traces with `torch.export` (symbolic batch size and history total)
 when built with `max_length`, a static bound on history lengths; see `search_top_k`.
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from models.search import scaled_query, search_top_k
+from recsys.config import SEQUENCE_MODELS
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,6 @@ class SequenceInputs:
 
 torch.export.register_dataclass(EmbeddingSet)
 torch.export.register_dataclass(SequenceInputs)
-
-
-def reverse_positions(offsets: Tensor) -> Tensor:
-    """[N] time index of every behaviour: 1 for each user's most recent, counting back."""
-    lengths = offsets[1:] - offsets[:-1]
-    total = int(offsets[-1])
-    ends = torch.repeat_interleave(offsets[1:], lengths, output_size=total)
-    return ends - torch.arange(total, device=offsets.device)
 
 
 def segment_mean(values: Tensor, offsets: Tensor) -> Tensor:
@@ -272,9 +265,6 @@ class DIN(nn.Module):
         return self.head(rep.target, interest, mean, inputs.other)
 
 
-SEQUENCE_MODELS = ("din", "twin", "twin_proj", "dare")
-
-
 def build_sequence_model(
     name: str,
     dims: FieldDims,
@@ -298,12 +288,54 @@ def build_sequence_model(
         raise ValueError(f"{name}: one embedding set; attention_dims is for 'dare' only")
     if name == "din":
         return DIN(dims, other_dim=other_dim, length=din_length)
+    two_stage = {"other_dim": other_dim, "top_k": top_k, "max_length": max_length}
+    if name == "dare":
+        return dare(attention_dims or dims, dims, **two_stage)
+    if name == "twin_proj":
+        return twin_with_projections(dims, **two_stage)
+    return twin(dims, **two_stage)
+
+
+def twin(
+    dims: FieldDims, *, other_dim: int = 0, top_k: int = 20, max_length: int | None = None
+) -> TwoStageModel:
+    """TWIN (Chang et al. 2023): one embedding set searches the history and is aggregated."""
     return TwoStageModel(
-        attention_dims or dims,
+        dims, dims, decoupled=False, other_dim=other_dim, top_k=top_k, max_length=max_length
+    )
+
+
+def twin_with_projections(
+    dims: FieldDims, *, other_dim: int = 0, top_k: int = 20, max_length: int | None = None
+) -> TwoStageModel:
+    """TWIN with per-field linear projections for attention and representation: the DARE
+    paper's cheaper alternative to a second embedding set."""
+    return TwoStageModel(
         dims,
-        decoupled=name == "dare",
+        dims,
+        decoupled=False,
+        project=True,
         other_dim=other_dim,
         top_k=top_k,
-        project=name == "twin_proj",
+        max_length=max_length,
+    )
+
+
+def dare(
+    attention: FieldDims,
+    representation: FieldDims,
+    *,
+    other_dim: int = 0,
+    top_k: int = 20,
+    max_length: int | None = None,
+) -> TwoStageModel:
+    """DARE (Feng et al. 2024): TWIN's two stages with decoupled embeddings, one set to
+    search and weigh the history, another to aggregate it."""
+    return TwoStageModel(
+        attention,
+        representation,
+        decoupled=True,
+        other_dim=other_dim,
+        top_k=top_k,
         max_length=max_length,
     )

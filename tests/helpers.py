@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import faulthandler
+import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -29,8 +31,22 @@ def free_port() -> int:
 
 def spawn_ranks(worker: Callable[..., None], world: int, *args: object) -> None:
     """Run `worker(rank, port, *args)` in `world` spawned processes on a fresh loopback port.
-    A rank that dies fails the test: a crash is reported, never retried."""
-    mp.start_processes(worker, args=(free_port(), *args), nprocs=world, start_method="spawn")
+    A rank that dies or fails an assertion fails the test: a crash is reported, never retried."""
+    mp.start_processes(
+        _run_rank, args=(worker, free_port(), *args), nprocs=world, start_method="spawn"
+    )
+
+
+def _run_rank(rank: int, worker: Callable[..., None], port: int, *args: object) -> None:
+    """One rank's body. A rank whose work returned leaves with `os._exit(0)`: native thread
+    pools (gloo, fbgemm) sometimes abort in their static destructors at interpreter exit
+    ("terminate called without an active exception", no Python frame), after the test's
+    work and assertions are done; that teardown is not what the test checks. An exception
+    still propagates and fails the rank with its traceback."""
+    worker(rank, port, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextmanager

@@ -1,12 +1,12 @@
 """Where a resumed run picks up its epoch's data, on the same or another number of workers.
 
-Ray Train hands each worker `streaming_split(world, equal=True)` of the training log: a
-coordinator gives each block, as it arrives from the read tasks, to the worker with the
-fewest rows so far, and every worker gets the same number of rows. Order is not preserved
-(`preserve_order` is off), so which global rows a worker's first k batches hold depends on
-the order in which blocks finished reading; what is determinable is how many rows were
-consumed: `world * rows pulled by one worker`, since all workers step together on equal
-shares.
+Ray Train hands each worker `streaming_split(world, equal=True)` of the training log, read
+in order (`preserve_order`) and shuffled by each worker through a buffer seeded by (seed,
+epoch, rank). With one worker the stream is the same on every run; with more, the split's
+coordinator gives each block to whichever worker asks first, so which rows a worker's
+first k batches hold can differ from run to run; what is determinable is how many rows
+were consumed: `world * rows pulled by one worker`, since all workers step together on
+equal shares.
 
 So the position is recorded as examples consumed in the epoch, the world size and the
 batch size. On the layout it was saved from, each worker skips the batches it had

@@ -12,14 +12,17 @@ from torch import Tensor, nn
 
 from models.search import search_top_k
 from models.sequence import (
-    SEQUENCE_MODELS,
     EmbeddingSet,
     FieldDims,
     SequenceInputs,
     build_sequence_model,
-    reverse_positions,
+    dare,
     segment_mean,
+    twin,
+    twin_with_projections,
 )
+from recsys.config import SEQUENCE_MODELS
+from tables.sequence import reverse_positions
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -188,6 +191,25 @@ def make(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Tables]]:
     if model.decoupled:
         tables["attention"] = Tables(NARROW)
     return model, tables
+
+
+def test_the_named_builders_are_what_the_config_names_build() -> None:
+    named = {
+        "twin": twin(DIMS, top_k=10),
+        "twin_proj": twin_with_projections(DIMS, top_k=10),
+        "dare": dare(NARROW, DIMS, top_k=10),
+    }
+    for name, model in named.items():
+        attention = NARROW if name == "dare" else None
+        built = build_sequence_model(name, DIMS, attention_dims=attention, top_k=10)
+        assert (built.decoupled, built.attention_dims, built.top_k) == (
+            model.decoupled,
+            model.attention_dims,
+            model.top_k,
+        )
+        shapes = {k: v.shape for k, v in built.state_dict().items()}
+        assert shapes == {k: v.shape for k, v in model.state_dict().items()}, name
+    assert named["dare"].decoupled and named["twin_proj"].projections is not None
 
 
 def test_dare_with_tied_sets_is_twin() -> None:

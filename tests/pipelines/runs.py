@@ -1,12 +1,12 @@
 """Small Ray training runs for the pipeline tests: a config whose log and run folder live
-in a test's temporary folder, and a run trained once (per module) on embedded Ray."""
+in a test's temporary folder, and a run trained once per module on embedded Ray."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import ray
 
 from pipelines.train.driver import train
@@ -32,12 +32,21 @@ def run_config(conf: str, tmp: Path, *overrides: str) -> ExperimentConfig:
     )
 
 
-@contextmanager
-def trained_run(cfg: ExperimentConfig, tmp: Path, rows: int) -> Iterator[dict]:
-    """Write `rows` of the config's synthetic log, train it, yield `train`'s result; Ray
-    is shut down afterwards, so the next module starts its own."""
-    generate(cfg, rows=rows, out=tmp / "log")
-    try:
-        yield train(cfg)
-    finally:
-        ray.shutdown()
+def module_run(config: Callable[[Path], ExperimentConfig], rows: int) -> Callable:
+    """A module-scoped fixture giving (cfg, tmp, train's result): `config(tmp)` trained once
+    on `rows` rows of its synthetic log. Ray is shut down after the module's last test, so
+    the next module starts its own."""
+
+    @pytest.fixture(scope="module")
+    def trained(
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
+        tmp = tmp_path_factory.mktemp("run")
+        cfg = config(tmp)
+        generate(cfg, rows=rows, out=tmp / "log")
+        try:
+            yield cfg, tmp, train(cfg)
+        finally:
+            ray.shutdown()
+
+    return trained

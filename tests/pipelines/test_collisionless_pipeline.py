@@ -5,12 +5,10 @@ resume the run on 1 worker."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from pipelines.build import build_model, latest_checkpoint, load_trained, load_vocabularies
@@ -22,7 +20,7 @@ from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
 from tables.collisionless.transform import collisionless_transforms
-from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, run_config, trained_run
+from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, module_run, run_config
 
 CAPACITY = 512
 
@@ -42,14 +40,7 @@ def _config(tmp: Path, *extra: str) -> ExperimentConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def trained(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
-    tmp = tmp_path_factory.mktemp("collisionless")
-    cfg = _config(tmp)
-    with trained_run(cfg, tmp, rows=20_000) as result:
-        yield cfg, tmp, result
+trained = module_run(_config, rows=20_000)
 
 
 def test_training_logs_table_stats(trained) -> None:

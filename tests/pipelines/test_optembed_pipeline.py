@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pytest
 import ray
 
 from pipelines.build import load_trained
@@ -19,7 +17,7 @@ from recsys.config import ExperimentConfig
 from recsys.serving.model import ServingModel
 from recsys.synth import generate
 from tests.helpers import trained_probabilities
-from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, run_config, trained_run
+from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, module_run, run_config
 
 
 def _config(tmp: Path, *extra: str) -> ExperimentConfig:
@@ -37,14 +35,7 @@ def _config(tmp: Path, *extra: str) -> ExperimentConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def supernet(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
-    tmp = tmp_path_factory.mktemp("optembed")
-    cfg = _config(tmp)
-    with trained_run(cfg, tmp, rows=30_000) as result:
-        yield cfg, tmp, result
+supernet = module_run(_config, rows=30_000)
 
 
 def test_supernet_trains_thresholds_and_keeps_them_in_its_checkpoint(supernet) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
 from tests.helpers import trained_probabilities
-from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, run_config, trained_run
+from tests.pipelines.runs import HELD_OUT_DAY, SMALL_CTR, module_run, run_config
 
 
 def _config(tmp: Path, *extra: str) -> ExperimentConfig:
@@ -32,14 +31,7 @@ def _config(tmp: Path, *extra: str) -> ExperimentConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def trained(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
-    tmp = tmp_path_factory.mktemp("e2e")
-    cfg = _config(tmp)
-    with trained_run(cfg, tmp, rows=30_000) as result:
-        yield cfg, tmp, result
+trained = module_run(_config, rows=30_000)
 
 
 def test_training_reports_progress_metrics_and_checkpoints(trained) -> None:

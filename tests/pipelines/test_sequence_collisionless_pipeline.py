@@ -5,7 +5,6 @@ read by one process, evaluation and export / serving of its live rows."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
-from tests.pipelines.runs import HELD_OUT_DAY, trained_run
+from tests.pipelines.runs import HELD_OUT_DAY, module_run
 from tests.pipelines.test_sequence_pipeline import sequence_config
 
 CAPACITY = 2048  # rows per worker
@@ -40,14 +39,7 @@ def _config(tmp: Path) -> ExperimentConfig:
     return ExperimentConfig.model_validate(doc)
 
 
-@pytest.fixture(scope="module")
-def trained(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
-    tmp = tmp_path_factory.mktemp("seq_cl_e2e")
-    cfg = _config(tmp)
-    with trained_run(cfg, tmp, rows=6_000) as result:
-        yield cfg, tmp, result
+trained = module_run(_config, rows=6_000)
 
 
 def test_trains_and_reports_the_shared_id_map(trained) -> None:

@@ -5,7 +5,6 @@ served."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
-from tests.pipelines.runs import HELD_OUT_DAY, run_config, trained_run
+from tests.pipelines.runs import HELD_OUT_DAY, module_run, run_config
 
 
 def sequence_config(tmp: Path) -> ExperimentConfig:
@@ -44,14 +43,7 @@ def sequence_config(tmp: Path) -> ExperimentConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def trained(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[ExperimentConfig, Path, dict]]:
-    tmp = tmp_path_factory.mktemp("seq_e2e")
-    cfg = sequence_config(tmp)
-    with trained_run(cfg, tmp, rows=6_000) as result:
-        yield cfg, tmp, result
+trained = module_run(sequence_config, rows=6_000)
 
 
 def test_dare_trains_on_ray_with_sharded_decoupled_tables(trained) -> None:
