@@ -105,7 +105,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def _same_weights(a: str, b: str) -> bool:
-    wa, wb = load_trained(a)[1].state_dict(), load_trained(b)[1].state_dict()
+    wa, wb = (load_trained(run, newest=True)[1].state_dict() for run in (a, b))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

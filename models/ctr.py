@@ -71,10 +71,10 @@ class DLRM(CtrModel):
                 "features give it at least two sparse features"
             )
         self.dim = dim
-        self.bottom = MLP(num_dense, cfg.dense_arch, cfg.dropout) if num_dense > 0 else None
+        self.bottom = mlp(cfg, num_dense, cfg.dense_arch) if num_dense > 0 else None
         self.interaction = DotInteraction(num_vectors)
         top_in = self.interaction.out_features + (dim if num_dense > 0 else 0)
-        self.top = MLP(top_in, [*cfg.over_arch, 1], cfg.dropout, relu_last=False)
+        self.top = mlp(cfg, top_in, [*cfg.over_arch, 1], relu_last=False)
 
     def forward(self, dense: Tensor, embeddings: Tensor) -> Tensor:
         fields = embeddings.unflatten(1, (self.num_chunks, self.dim))
@@ -110,7 +110,7 @@ class DeepFM(CtrModel):
         )
         flat = num_dense + sum(sparse_dims)
         self.first_order = nn.Linear(flat, 1)
-        self.deep = MLP(flat, [*cfg.over_arch, 1], cfg.dropout, relu_last=False)
+        self.deep = mlp(cfg, flat, [*cfg.over_arch, 1], relu_last=False)
 
     def fm_fields(self, embeddings: Tensor) -> Tensor:
         """[B, sum(sparse_dims)] -> [B, F, fm_dim], the fields the FM term pairs up."""
@@ -126,20 +126,32 @@ class DeepFM(CtrModel):
 
 
 class DCNv2(CtrModel):
-    """DCN-v2 (Wang et al. 2021), stacked: cross network, then the deep MLP, then a logit.
+    """DCN-v2 (Wang et al. 2021) in the paper's two structures.
 
+    stacked: the cross network, then the deep MLP on its output, then a logit.
+    parallel: the cross network and the deep MLP both read x0; one linear logit over
+    their outputs side by side (the structure of the BARS MovieLens and Frappe runs).
     Full-rank cross weights by default, low-rank U V^T when `cfg.cross_low_rank` is set.
     """
 
     def __init__(self, cfg: ModelConfig, num_dense: int, sparse_dims: list[int]) -> None:
         super().__init__(cfg, num_dense, sparse_dims)
         width = num_dense + sum(sparse_dims)
+        self.parallel = cfg.cross_structure == "parallel"
         self.cross = CrossNet(width, cfg.cross_layers, cfg.cross_low_rank)
-        self.deep = MLP(width, [*cfg.over_arch, 1], cfg.dropout, relu_last=False)
+        self.deep = mlp(cfg, width, cfg.over_arch)
+        self.logit = nn.Linear(self.deep.out_features + (width if self.parallel else 0), 1)
 
     def forward(self, dense: Tensor, embeddings: Tensor) -> Tensor:
         x0 = torch.cat([dense, embeddings], dim=1)
-        return self.deep(self.cross(x0)).squeeze(-1)
+        cross = self.cross(x0)
+        features = torch.cat([cross, self.deep(x0)], dim=1) if self.parallel else self.deep(cross)
+        return self.logit(features).squeeze(-1)
+
+
+def mlp(cfg: ModelConfig, in_features: int, sizes: list[int], relu_last: bool = True) -> MLP:
+    """An MLP with the configured dropout and batch norm."""
+    return MLP(in_features, sizes, cfg.dropout, relu_last=relu_last, batch_norm=cfg.batch_norm)
 
 
 _MODELS: dict[str, type[CtrModel]] = {"dlrm": DLRM, "deepfm": DeepFM, "dcnv2": DCNv2}

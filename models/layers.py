@@ -12,20 +12,29 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Sequential):
-    """Linear -> ReLU -> Dropout per layer; `layer_sizes` are the output widths in order.
+    """Linear -> [BatchNorm] -> ReLU -> [Dropout] per layer; `layer_sizes` are the output
+    widths in order (the order of FuxiCTR's MLP block, which the BARS recipes tune).
 
     `relu_last=False` leaves the last layer linear (a logit head or a residual input);
     DLRM's bottom MLP keeps it, as in the paper, so its output is a nonnegative embedding.
+    In eval mode BatchNorm uses its running statistics, so any batch size scores alike.
     """
 
     def __init__(
-        self, in_features: int, layer_sizes: list[int], dropout: float = 0.0, relu_last: bool = True
+        self,
+        in_features: int,
+        layer_sizes: list[int],
+        dropout: float = 0.0,
+        relu_last: bool = True,
+        batch_norm: bool = False,
     ) -> None:
         layers: list[nn.Module] = []
         width = in_features
         for i, size in enumerate(layer_sizes):
             layers.append(nn.Linear(width, size))
             if relu_last or i < len(layer_sizes) - 1:
+                if batch_norm:
+                    layers.append(nn.BatchNorm1d(size))
                 layers.append(nn.ReLU())
                 if dropout > 0:
                     layers.append(nn.Dropout(dropout))

@@ -13,9 +13,9 @@ from models.sequence import FieldDims, build_sequence_model
 from models.sequence_ranking import SequenceRankingModel
 from pipelines.train.checkpoint import (
     PROGRESS_FILE,
+    chosen_checkpoint,
     incomplete_reason,
     load_model_weights,
-    newest_complete,
 )
 from recsys.config import ExperimentConfig, load_config
 from tables.optembed.embeddings import OptEmbedEmbeddings
@@ -67,7 +67,7 @@ def build_model(
     else:
         sparse = PooledEmbeddings(specs, transforms, device=table_device)
     dense = build_ctr_model(cfg.model, len(cfg.features.dense), sparse.feature_dims)
-    return RankingModel(sparse, dense)
+    return RankingModel(sparse, dense, cfg.train.embedding_l2)
 
 
 def build_sequence_ranking(
@@ -127,21 +127,24 @@ def _optembed_embeddings(
     return sparse
 
 
-def latest_checkpoint(run: Path) -> Path:
-    """A checkpoint directory itself (refused unless complete), or the newest complete
-    `checkpoint_*` of a run directory (which it names: the reader should say which)."""
+def run_checkpoint(run: Path, newest: bool = False) -> Path:
+    """A checkpoint directory itself (refused unless complete), or of a run directory the
+    best complete checkpoint (the newest with `newest`; see `chosen_checkpoint`)."""
     if run.name.startswith("checkpoint_") or (run / PROGRESS_FILE).exists():
         reason = incomplete_reason(run)
         if reason is not None:
             raise FileNotFoundError(f"{run}: not a complete checkpoint: {reason}")
         return run
-    return newest_complete(run)
+    return chosen_checkpoint(run, newest)
 
 
-def load_trained(run: str | Path) -> tuple[ExperimentConfig, RankingModel, dict]:
-    """The run's config and its model, unsharded on the CPU, with the newest weights."""
+def load_trained(
+    run: str | Path, newest: bool = False
+) -> tuple[ExperimentConfig, RankingModel, dict]:
+    """The run's config and its model, unsharded on the CPU, with the weights of its best
+    checkpoint (its newest with `newest`, or the checkpoint folder `run` names)."""
     run = Path(run)
-    checkpoint = latest_checkpoint(run)
+    checkpoint = run_checkpoint(run, newest)
     run_dir = checkpoint if (checkpoint / "config.yaml").exists() else checkpoint.parent
     cfg = load_config(run_dir / "config.yaml")
     model = build_model(cfg, load_vocabularies(run_dir), keep=load_keep_masks(run_dir))

@@ -33,6 +33,60 @@ def _cmd_convert_criteo(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _cmd_convert_libsvm(args: argparse.Namespace) -> None:
+    from recsys.convert.libsvm import convert_libfm, convert_libsvm, parse_indices
+
+    numeric = parse_indices(args.numeric or "")
+    if args.source == "libsvm":
+        summary = convert_libsvm(
+            Path(args.input), Path(args.out), args.rows_per_day, numeric, args.layout
+        )
+    else:
+        multi = parse_indices(args.multi_valued or "")
+        summary = convert_libfm(Path(args.input), Path(args.out), args.rows_per_day, numeric, multi)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_convert_csv(args: argparse.Namespace) -> None:
+    from recsys.convert.csv_spec import load_spec, spec_from_options
+    from recsys.convert.delimited import convert_csv
+
+    def names(text: str | None) -> list[str]:
+        return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+    if args.spec:
+        if args.label:
+            raise ConfigError("give the columns either in --spec or as options, not both")
+        spec = load_spec(args.spec)
+    elif args.label:
+        spec = spec_from_options(
+            args.label,
+            args.timestamp,
+            names(args.categorical),
+            names(args.numeric),
+            args.sequence or [],
+            names(args.skip),
+            delimiter="\t" if args.delimiter in ("\\t", "tab") else args.delimiter,
+            header=False if args.names else None,
+            names=names(args.names) or None,
+        )
+    else:
+        raise ConfigError("recsys convert csv needs --spec FILE or at least --label COLUMN")
+    summary = convert_csv(Path(args.input), Path(args.out), spec, rows_per_day=args.rows_per_day)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_convert_movielens(args: argparse.Namespace) -> None:
+    from recsys.convert.movielens import convert_movielens
+
+    try:
+        summary = convert_movielens(args.out, wheel=args.wheel, max_history=args.max_history)
+    except RuntimeError as err:  # the download failed: pip's own words say why
+        print(f"recsys convert movielens: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, indent=2))
+
+
 def _cmd_stats(args: argparse.Namespace) -> None:
     from recsys.stats import log_statistics
 
@@ -87,14 +141,18 @@ def _cmd_optembed(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pipelines.evaluate import evaluate
 
-    report = evaluate(args.checkpoint, args.data, workers=args.workers, report_dir=args.out)
+    report = evaluate(
+        args.checkpoint, args.data, workers=args.workers, report_dir=args.out, newest=args.newest
+    )
     print(json.dumps(report, indent=2, default=float))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipelines.export.writer import export
 
-    result = export(args.checkpoint, args.out, dtype=args.dtype, since=args.since)
+    result = export(
+        args.checkpoint, args.out, dtype=args.dtype, since=args.since, newest=args.newest
+    )
     print(json.dumps(result, indent=2))
 
 
@@ -146,6 +204,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="write I1..I13 as log(1 + x) for x > 0 (x <= 0 kept as is)",
     )
     c.set_defaults(func=_cmd_convert_criteo)
+
+    rows_per_day_help = "rows per day of the derived timestamp and day partitions (default: one)"
+    for fmt, token in (("libsvm", "index:value"), ("libfm", "field:feature:value")):
+        c = conv.add_parser(fmt, help=f"{fmt} text, `label {token} ...` (one-hot IDs, value 1)")
+        c.add_argument("input", help="the text file (optionally .gz)")
+        c.add_argument("--out", required=True, help="output directory")
+        c.add_argument("--rows-per-day", type=int, default=None, help=rows_per_day_help)
+        what = "indices" if fmt == "libsvm" else "fields"
+        c.add_argument(
+            "--numeric", help=f"{what} holding numbers (float32 columns), e.g. 1-13 (default none)"
+        )
+        if fmt == "libsvm":
+            c.add_argument(
+                "--layout",
+                choices=["positional", "bag"],
+                default="positional",
+                help="positional: the k-th ID of a line is column f<k> (default); bag: one "
+                "list column `ids`",
+            )
+        else:
+            c.add_argument("--multi-valued", help="fields written as lists even if never repeated")
+        c.set_defaults(func=_cmd_convert_libsvm)
+
+    c = conv.add_parser("csv", help="CSV / TSV with a feature spec (file or options)")
+    c.add_argument("input", help="the text file (optionally .gz; *.tsv is tab-separated)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--spec", help="YAML or JSON spec (see recsys/convert/csv_spec.py)")
+    c.add_argument("--label", help="label column (0/1), instead of a spec file")
+    c.add_argument("--timestamp", help="timestamp column (Unix seconds); default: derived")
+    c.add_argument("--categorical", help="comma-separated ID columns (int64)")
+    c.add_argument("--numeric", help="comma-separated number columns (float32)")
+    c.add_argument(
+        "--sequence", action="append", help="NAME=SEPARATOR: an ID-list column (repeatable)"
+    )
+    c.add_argument("--skip", help="comma-separated columns to leave out")
+    c.add_argument("--delimiter", help="field delimiter (default: tab for .tsv, else comma)")
+    c.add_argument("--names", help="the columns of a header-less file, comma-separated")
+    c.add_argument("--rows-per-day", type=int, default=None, help=rows_per_day_help)
+    c.set_defaults(func=_cmd_convert_csv)
+
+    c = conv.add_parser(
+        "movielens", help="MovieLens-100K (from the recbole wheel) as CTR and sequence logs"
+    )
+    c.add_argument("--out", required=True, help="output directory (gets ctr/ and sequence/)")
+    c.add_argument("--wheel", help="a local recbole-1.2.1 wheel (default: download and cache)")
+    c.add_argument(
+        "--max-history", type=int, default=200, help="most recent ratings kept as history"
+    )
+    c.set_defaults(func=_cmd_convert_movielens)
 
     p = sub.add_parser("stats", help="print statistics of a Parquet log")
     with_config(p)
@@ -203,14 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_optembed)
 
     p = sub.add_parser("evaluate", help="AUC, GAUC, logloss, NE, calibration of a trained run")
-    p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory (its best checkpoint by train.monitor) or one checkpoint_* in it",
+    )
+    p.add_argument(
+        "--newest", action="store_true", help="a run directory's newest checkpoint, not its best"
+    )
     p.add_argument("--data", required=True, help="held-out Parquet log")
     p.add_argument("--workers", type=int, default=1, help="parallel scoring actors")
     p.add_argument("--out", help="report directory (default: eval.report_dir or <run>/eval)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="write tables and the dense model for serving")
-    p.add_argument("--checkpoint", required=True, help="run directory or one checkpoint_* in it")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run directory (its best checkpoint by train.monitor) or one checkpoint_* in it",
+    )
+    p.add_argument(
+        "--newest", action="store_true", help="a run directory's newest checkpoint, not its best"
+    )
     p.add_argument("--out", required=True, help="export directory")
     p.add_argument("--dtype", choices=["float32", "float16", "int8"], help="table storage")
     p.add_argument(

@@ -46,10 +46,15 @@ class _Scorer:
 
 
 def evaluate(
-    run: str | Path, data: str | Path, workers: int = 1, report_dir: str | Path | None = None
+    run: str | Path,
+    data: str | Path,
+    workers: int = 1,
+    report_dir: str | Path | None = None,
+    newest: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of the run's newest checkpoint on `data`; also written as JSON and PNG."""
-    cfg, _, progress = load_trained(run)
+    """Metrics of the run's best checkpoint (its newest with `newest`) on `data`; also
+    written as JSON and PNG."""
+    cfg, _, progress = load_trained(run, newest)
     skipped = BadRowCounts()
     for _ in read_validated(data, cfg.features, 262_144, cfg.data.on_bad_rows, skipped):
         pass  # every bad row named (file, column, row) or counted before scoring starts
@@ -59,7 +64,7 @@ def evaluate(
         files, columns=cfg.features.column_names(), partitioning=None
     ).map_batches(
         _Scorer,
-        fn_constructor_args=(str(run),),
+        fn_constructor_args=(progress["checkpoint"],),  # the very checkpoint chosen here
         batch_size=cfg.train.batch_size,
         batch_format="pyarrow",
         concurrency=workers,

@@ -14,8 +14,11 @@ torchrec 1.8 / fbgemm-gpu-cpu 1.8 (and proven in tests/tables/test_sharding.py):
   `in_backward_optimizer_filter` recognises only this one): the TBE kernel updates the touched
   rows inside backward, so a table has neither a separate sparse step nor a dense gradient.
   fbgemm's CPU TBE has no Adam (only exact SGD / Adagrad / row-wise Adagrad), so "adam" is
-  CUDA-only. Data-parallel tables get a plain dense kernel instead, which the fused optimizer
-  does not cover: `combined_optimizer` steps them with the same optimizer, unfused.
+  CUDA-only. Its CPU row-wise Adagrad also ignores `weight_decay` in every mode (L2 and
+  decoupled; see tests/tables/test_sharding.py), so embedding L2 is a loss term instead
+  (`models.ranking.RankingModel`). Data-parallel tables get a plain dense kernel instead,
+  which the fused optimizer does not cover: `combined_optimizer` steps them with the same
+  optimizer, unfused.
   Row-wise Adagrad keeps one accumulator per row *per column shard*, so under column-wise
   sharding it averages squared gradients over the shard's columns, not the whole row.
 * **Gradient reduction across ranks.** Every parameter receives the *mean* over ranks of
@@ -72,7 +75,7 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 # fbgemm's TBE default; set explicitly so the plain reference optimizer matches it
 # (torchrec's RowWiseAdagrad alone defaults to 1e-10).
 _ADAGRAD_EPS = 1e-8
-_CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "sgd")
+_CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 _COLUMN_BLOCK_MULTIPLE = 4  # torchrec only cuts column shards whose width divides by 4
 _ROW_SHARDED = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
 
@@ -115,10 +118,12 @@ def sparse_optimizer_spec(
     """The torch optimizer class and kwargs that torchrec maps onto an fbgemm fused optimizer.
 
     The same pair, applied to an unsharded module, is the plain reference the fused update
-    equals (fbgemm EXACT_ROWWISE_ADAGRAD / ADAM / EXACT_SGD). Only keys both sides accept.
+    equals (fbgemm EXACT_ROWWISE_ADAGRAD / EXACT_ADAGRAD / ADAM / EXACT_SGD). Only keys
+    both sides accept.
     """
     specs: dict[str, tuple[type[torch.optim.Optimizer], dict[str, float]]] = {
         "rowwise_adagrad": (RowWiseAdagrad, {"lr": lr, "eps": _ADAGRAD_EPS}),
+        "adagrad": (torch.optim.Adagrad, {"lr": lr, "eps": _ADAGRAD_EPS}),
         "adam": (torch.optim.Adam, {"lr": lr}),
         "sgd": (torch.optim.SGD, {"lr": lr}),
     }

@@ -135,9 +135,15 @@ def _pooled_export(
 
 
 def export(
-    run: str | Path, out: str | Path, dtype: str | None = None, since: str | Path | None = None
+    run: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    since: str | Path | None = None,
+    newest: bool = False,
 ) -> dict[str, Any]:
-    cfg, model, progress = load_trained(run)
+    """Export the run's best checkpoint (its newest with `newest`, or the checkpoint
+    folder `run` names) for serving; `since` makes it a delta over that earlier export."""
+    cfg, model, progress = load_trained(run, newest)
     dtype = dtype or cfg.export.dtype
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +128,28 @@ def incomplete_reason(checkpoint: Path) -> str | None:
     return None
 
 
+def checkpoint_name(step: int, token: str) -> str:
+    """The folder name of a worker group's checkpoint of `step` (see `checkpoint_step`)."""
+    return f"checkpoint_step{step:08d}_{token}"
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     """The step in a checkpoint folder's name (`checkpoint_step<step>[_<token>]`)."""
     digits = checkpoint.name.removeprefix("checkpoint_step").split("_")[0]
     return int(digits) if digits.isdigit() else -1
 
 
+def checkpoint_folders(run: Path) -> list[Path]:
+    """`run`'s `checkpoint_step*` folders by step, then age (Ray's own `checkpoint_*`
+    files beside them are not checkpoints)."""
+    found = [c for c in run.glob("checkpoint_step*") if c.is_dir()]
+    return sorted(found, key=lambda c: (checkpoint_step(c), c.stat().st_mtime))
+
+
 def newest_complete(run: Path) -> Path:
     """The complete checkpoint of the highest step (then the newest) among `run`'s
-    `checkpoint_*` folders; each newer incomplete one is skipped with a warning."""
-    found = sorted(run.glob("checkpoint_*"), key=lambda c: (checkpoint_step(c), c.stat().st_mtime))
+    checkpoint folders; each newer incomplete one is skipped with a warning."""
+    found = checkpoint_folders(run)
     for checkpoint in reversed(found):
         reason = incomplete_reason(checkpoint)
         if reason is None:
@@ -146,6 +159,39 @@ def newest_complete(run: Path) -> Path:
         f"{run}: no complete checkpoint_* folder "
         f"({len(found)} incomplete); did training finish a step?"
     )
+
+
+def prune_checkpoints(run: Path, keep: int, protect: str | None) -> list[Path]:
+    """Delete `run`'s checkpoints but the newest `keep` complete ones and `protect` (the
+    best); an incomplete one goes once a complete one of a higher step exists (nothing
+    writes into it any more), the one being written never. Returns what was deleted."""
+    found = checkpoint_folders(run)
+    complete = [c for c in found if incomplete_reason(c) is None]
+    if not complete:
+        return []
+    kept = {*complete[-keep:], *([run / protect] if protect else [])}
+    newest = checkpoint_step(complete[-1])
+    doomed = [c for c in found if c not in kept and (c in complete or checkpoint_step(c) < newest)]
+    for checkpoint in doomed:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        log.info("deleted checkpoint %s (train.keep_checkpoints=%d)", checkpoint, keep)
+    return doomed
+
+
+def chosen_checkpoint(run: Path, newest: bool = False) -> Path:
+    """What readers load from a run folder: its best checkpoint by the validation monitor
+    (as the newest complete one records it) unless `newest`, else the newest complete."""
+    last = newest_complete(run)
+    if newest:
+        return last
+    best = json.loads((last / PROGRESS_FILE).read_text()).get("monitor", {}).get("best_checkpoint")
+    if best is None or (run / best) == last:
+        return last
+    reason = incomplete_reason(run / best)
+    if reason is not None:
+        log.warning("best checkpoint %s is unusable (%s); taking %s", run / best, reason, last)
+        return last
+    return run / best
 
 
 def load_checkpoint(directory: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:

@@ -21,7 +21,8 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.build import KEEP_FILE, VOCAB_FILE, save_vocabularies
+from pipelines.build import KEEP_FILE, VOCAB_FILE, run_checkpoint, save_vocabularies
+from pipelines.train.curve import CURVE_FILE, plot_learning_curve
 from pipelines.train.meter import METRICS_FILE, progress_bar
 from pipelines.train.run_folder import RunFolder
 from pipelines.train.split import validation_cutoff
@@ -94,6 +95,9 @@ def _in_order() -> DataConfig:
     return DataConfig(execution_options={"train": options})
 
 
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's name
+
+
 def train(
     cfg: ExperimentConfig, address: str | None = None, resume: bool = False
 ) -> dict[str, Any]:
@@ -107,7 +111,7 @@ def train(
     if not use_gpu and cfg.train.sparse_optimizer == "adam":
         raise ConfigError(
             "train.sparse_optimizer: 'adam' has no fused fbgemm kernel on CPU; "
-            "use rowwise_adagrad or sgd"
+            "use rowwise_adagrad, adagrad or sgd"
         )
     run_dir = run_dir_of(cfg)
     if cfg.optembed.stage == "retrain" and not (run_dir / KEEP_FILE).exists():
@@ -122,6 +126,10 @@ def train(
             vocabularies = build_vocabularies(cfg, cfg.data.train, cutoff)  # type: ignore[arg-type]
             save_vocabularies(run_dir, vocabularies)
         folder.write_config()
+        # Ray Train's snapshot lists every checkpoint it was given, also those the workers
+        # pruned since; a new controller refuses to start on it. A resumed run picks its
+        # checkpoint from the run folder itself (worker.train_worker), so it is dropped.
+        (run_dir / RAY_CHECKPOINT_SNAPSHOT).unlink(missing_ok=True)
         start_ray(address, cfg.train.workers)
         trainer = TorchTrainer(
             train_worker,
@@ -138,15 +146,18 @@ def train(
             run_config=RunConfig(
                 name=cfg.name,
                 storage_path=str(run_dir.parent),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                # Every checkpoint is kept by Ray; the workers delete all but the newest
+                # `keep_checkpoints` and the best (Ray's own policy cannot keep both).
+                checkpoint_config=CheckpointConfig(),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             ),
         )
         with progress_bar(run_dir / METRICS_FILE, enabled=sys.stderr.isatty()):
             result = trainer.fit()
+        plot_learning_curve(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
         summary = {
             "run_dir": str(run_dir),
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "checkpoint": str(run_checkpoint(run_dir)),  # the best, which readers take
             "metrics": result.metrics,
             "skipped_rows": skipped.as_dict(),
         }

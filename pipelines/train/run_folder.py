@@ -37,6 +37,8 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.max_failures",
     "train.keep_checkpoints",
+    "train.validate_every",
+    "train.patience",
     "train.device",
     "tables.*.capacity",
 )

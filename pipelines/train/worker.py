@@ -29,28 +29,30 @@ import torch.distributed as dist
 
 from pipelines.build import build_model, load_keep_masks, load_vocabularies, table_sharding
 from pipelines.train.checkpoint import (
+    checkpoint_name,
     checkpoint_step,
     incomplete_reason,
     load_checkpoint,
     newest_complete,
+    prune_checkpoints,
     restore_rng,
     save_checkpoint,
 )
 from pipelines.train.meter import Meter
 from pipelines.train.resume import DataPosition, position, resume_position
+from pipelines.train.validation import Monitor, set_lr_scale, validate
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig
 from recsys.contract import validate_table
-from recsys.metrics import evaluate_predictions
 from tables.collisionless.report import format_report, table_report
 from tables.collisionless.transform import bind_ownership, collisionless_transforms
-from tables.sharding import combined_optimizer, shard_model
+from tables.sharding import combined_optimizer, dense_parameters, shard_model
 
 
 def _dense_optimizer(cfg: ExperimentConfig) -> Any:
     kinds = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
     kind = kinds[cfg.train.dense_optimizer]
-    return lambda params: kind(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.weight_decay)
+    return lambda params: kind(params, lr=cfg.train.dense_lr, weight_decay=cfg.train.dense_l2)
 
 
 def _own_optimizers(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -65,6 +67,9 @@ def _own_optimizers(cfg: ExperimentConfig) -> dict[str, Any]:
             lambda params: torch.optim.SGD(params, lr=lr),
         )
     }
+
+
+VALID_SHOWN = ("step", "valid_auc", "valid_logloss", "valid_gauc")
 
 
 def _device(cfg: ExperimentConfig) -> torch.device:
@@ -95,35 +100,6 @@ def _arrow_batches(
             table, cfg.features, "Ray Data stream", on_bad_rows=cfg.data.on_bad_rows
         )
         yield table.num_rows, clean
-
-
-def _gather_predictions(
-    model: torch.nn.Module, shard: Any, cfg: ExperimentConfig, device: torch.device
-) -> dict[str, np.ndarray]:
-    """Predict the worker's validation share; every rank receives everyone's predictions."""
-    convert = BatchConverter(cfg.features)
-    probs, labels, groups = [], [], []
-    model.eval()
-    with torch.no_grad():
-        for _, table in _arrow_batches(shard, cfg):
-            batch = convert(table).to(device)
-            probs.append(torch.sigmoid(model(batch)).float().cpu().numpy())
-            labels.append(batch.labels.cpu().numpy())
-            if batch.group is not None:
-                groups.append(batch.group.cpu().numpy())
-    model.train()
-    local = {
-        "probs": np.concatenate(probs) if probs else np.zeros(0, np.float32),
-        "labels": np.concatenate(labels) if labels else np.zeros(0, np.float32),
-        "groups": np.concatenate(groups) if groups else None,
-    }
-    everyone: list[dict[str, Any]] = [{}] * dist.get_world_size()
-    dist.all_gather_object(everyone, local)
-    merged = {k: np.concatenate([p[k] for p in everyone]) for k in ("probs", "labels")}
-    merged["groups"] = (
-        np.concatenate([p["groups"] for p in everyone]) if local["groups"] is not None else None
-    )
-    return merged
 
 
 def _tables_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -173,16 +149,27 @@ def _group_token() -> str:
 
 
 def _report(
-    metrics: dict[str, Any], model: Any, optimizer: Any, progress: dict[str, Any], token: str
+    metrics: dict[str, Any],
+    model: Any,
+    optimizer: Any,
+    progress: dict[str, Any],
+    token: str,
+    monitor: Monitor,
+    keep: int,
+    run_dir: Path,
 ) -> None:
+    """Checkpoint the training state with `metrics`; then rank 0 deletes the checkpoints
+    beyond the newest `keep` and the best one (Ray keeps every one it is given)."""
     _average_norm_statistics(model)
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), model, optimizer, progress)
+        save_checkpoint(Path(tmp), model, optimizer, {**progress, "monitor": monitor.state()})
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_step{progress['step']:08d}_{token}",
+            checkpoint_dir_name=checkpoint_name(progress["step"], token),
         )
+    if dist.get_rank() == 0:
+        prune_checkpoints(run_dir, keep, protect=monitor.best_checkpoint)
 
 
 def _resume_from(run_dir: Path) -> Path | None:
@@ -211,6 +198,9 @@ def _resume_from(run_dir: Path) -> Path | None:
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
+    """One rank's run: resume or start, train the epochs (validating at each epoch's end
+    and every `train.validate_every` steps, stopping early when `train.patience`
+    validations bring no better `train.monitor`), checkpoint, report the final figures."""
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
@@ -224,8 +214,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         table_device=torch.device("meta"),
         keep=load_keep_masks(run_dir),
     )
-    # optembed's threshold term (CTR models only: sequence models have no `sparse`)
-    regularizer = getattr(getattr(model, "sparse", None), "regularizer", None)
+    # embedding L2 and optembed's threshold term (CTR models; sequence models have none)
+    regularizer = getattr(model, "regularizer", None)
     collisionless = any(collisionless_transforms(model))
     # IDs (and table stats) travel between ranks over a gloo group, even next to NCCL.
     gloo = dist.new_group(backend="gloo") if collisionless else None
@@ -243,6 +233,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     optimizer = combined_optimizer(
         dmp, t.sparse_optimizer, t.sparse_lr, _dense_optimizer(cfg), _own_optimizers(cfg)
     )
+    initial_lrs = [group["lr"] for group in optimizer.param_groups]
+    clipped = list(dense_parameters(dmp).values()) if t.clip_grad_norm else []
     token = _group_token()
 
     meter = Meter(run_dir, world)
@@ -262,15 +254,37 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if start.note:
                 meter.write({"data_position": start.note})
 
+    monitor = Monitor.of(cfg, progress.get("monitor"))
+    set_lr_scale(optimizer, initial_lrs, monitor.lr_scale, t.min_lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     convert = BatchConverter(cfg.features)
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid") if loop_config["has_valid"] else None
+
+    def report(metrics: dict[str, Any]) -> None:
+        _report(metrics, dmp, optimizer, progress, token, monitor, t.keep_checkpoints, run_dir)
+
+    def validation(step: int) -> None:
+        """Score the validation split at `step`, whose checkpoint is then due."""
+        _average_norm_statistics(dmp)
+        scores = validate(dmp, valid_shard, cfg, device, _arrow_batches)
+        best = monitor.update(step, scores, checkpoint_name(step, token))
+        set_lr_scale(optimizer, initial_lrs, monitor.lr_scale, t.min_lr)
+        if rank == 0:
+            record = {"step": step, **{f"valid_{k}": v for k, v in scores.items()}}
+            meter.write({**record, "best": best, "lr_scale": monitor.lr_scale})
+            shown = {k: v for k, v in record.items() if k in VALID_SHOWN}
+            mark = " (best)" if best else f" ({monitor.since_best} since the best)"
+            if not best and t.lr_decay:
+                mark += f", learning rates x{monitor.lr_scale:.3g}"
+            print(" ".join(f"{k}={v:.4g}" for k, v in shown.items()) + mark, flush=True)
+
     # A due checkpoint is written just before the next step, so that the end of training
     # (which always checkpoints) never writes the same step twice.
     checkpoint_due = False
     resume_epoch = progress["epoch"]
-    for epoch in range(resume_epoch, cfg.train.epochs):
+    epochs = range(resume_epoch, t.epochs) if not monitor.should_stop else range(0)
+    for epoch in epochs:
         skip = start.batches if epoch == resume_epoch else 0
         pulled = 0  # rows this worker read in the epoch, skipped ones included
         stream = _arrow_batches(train_shard, cfg, shuffle_seed(cfg, epoch, rank))
@@ -279,7 +293,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if i < skip:
                 continue  # consumed before the checkpoint this run resumed from
             if checkpoint_due:
-                _report(meter.snapshot(progress["step"], epoch), dmp, optimizer, progress, token)
+                report(meter.snapshot(progress["step"], epoch))
                 checkpoint_due = False
             batch = convert(table).to(device, non_blocking=True)
             logits = dmp(batch)
@@ -288,11 +302,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             objective = loss if penalty is None else loss + penalty
             optimizer.zero_grad()
             objective.backward()
+            if clipped:
+                torch.nn.utils.clip_grad_norm_(clipped, t.clip_grad_norm)
             optimizer.step()
             progress = position(progress["step"] + 1, epoch, i + 1, pulled, world, t.batch_size)
             meter.add(logits, batch.labels, float(loss))
             step = progress["step"]
-            if step % cfg.train.log_every == 0:
+            if step % t.log_every == 0:
                 interval = meter.snapshot(step, epoch)
                 tables = table_report(_tables_of(dmp.module), gloo) if collisionless else {}
                 if rank == 0:
@@ -301,24 +317,40 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                         print(format_report(tables), flush=True)
                     meter.write({**interval, **({"tables": tables} if tables else {})})
             checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-            if cfg.train.max_steps and step >= cfg.train.max_steps:
+            if valid_shard is not None and t.validate_every and step % t.validate_every == 0:
+                validation(step)
+                checkpoint_due = True
+                if monitor.should_stop:
+                    break
+            if t.max_steps and step >= t.max_steps:
                 break  # mid-epoch: the position stays, so a longer run continues the epoch
         else:
             progress = position(progress["step"], epoch + 1, 0, 0, world, t.batch_size)
-            continue
+            if valid_shard is not None and monitor.validated_step != progress["step"]:
+                validation(progress["step"])
+                checkpoint_due = True
+            if not monitor.should_stop:
+                continue
         break
 
-    final = {**meter.snapshot(progress["step"], progress["epoch"])} if meter.labels else {}
-    if valid_shard is not None:
-        _average_norm_statistics(dmp)
-        valid = _gather_predictions(dmp, valid_shard, cfg, device)
-        if len(valid["labels"]):
-            scores = evaluate_predictions(valid["labels"], valid["probs"], valid["groups"])
-            final.update({f"valid_{k}": v for k, v in scores.items()})
+    step = progress["step"]
+    if valid_shard is not None and monitor.validated_step != step:
+        validation(step)  # the last step, when no epoch's end or interval validated it
+    final = {**meter.snapshot(step, progress["epoch"])} if meter.labels else {}
+    if monitor.history:
+        last = monitor.history[-1]
+        final.update({f"valid_{k}": v for k, v in last.items() if k != "step"})
+        final.update(
+            {
+                "best_step": monitor.best_step,
+                f"best_valid_{monitor.metric}": monitor.best_value,
+                "stopped_early": monitor.should_stop,
+            }
+        )
     final["skipped_rows"] = loop_config["skipped_rows"]
     if collisionless:  # counters since the last log line; sizes as at the end
         final["tables"] = table_report(_tables_of(dmp.module), gloo)
     if rank == 0:
         meter.write({"final": True, **final})
         print("final " + json.dumps(final, default=float), flush=True)
-    _report(final, dmp, optimizer, progress, token)
+    report(final)

@@ -67,6 +67,8 @@ class ExperimentConfig(Strict):
                     f"(got {self.model.dense_arch[-1]}) for the dot interaction"
                 )
         self._check_optembed()
+        self._table_widths()
+        self._optimizer_rules()
         for i, table in enumerate(self.tables):
             if table.variant == "collisionless" and self.model.is_sequence:
                 # The sequence path neither passes event times to pooled tables nor reports
@@ -93,6 +95,7 @@ class ExperimentConfig(Strict):
                     f"{hashed[seq.target]!r} table, which sequence lookups do not support"
                 )
         self._sequence_rules()
+        self._validation_rules()
         synth = self.data.synthetic
         if isinstance(synth, SequenceSyntheticConfig):
             for key in ("item_feature", "category_feature"):
@@ -149,19 +152,43 @@ class ExperimentConfig(Strict):
                     f"model {name!r} reads one embedding set: the table of {seq.target!r} "
                     "cannot be 'decoupled' (that is model 'dare')"
                 )
-        for i, table in enumerate(self.tables):
-            if not targets & set(table.features):
-                continue
-            for key in ("embedding_dim", "attention_dim"):
-                dim = getattr(table, key, None)  # attention_dim: decoupled only
-                if dim is not None and dim % 4:
-                    raise ValueError(
-                        f"tables[{i}]: {key} {dim} is not a multiple of 4, which fbgemm's "
-                        "sharded sequence lookups need"
-                    )
         stray = sorted(decoupled - targets)
         if stray:
             raise ValueError(f"variant 'decoupled' is for sequence targets, not {stray}")
+
+    def _optimizer_rules(self) -> None:
+        if self.train.embedding_l2 and self.model.is_sequence:
+            raise ValueError(
+                "train.embedding_l2 regularizes CTR models' pooled embeddings, not model "
+                f"{self.model.name!r}"
+            )
+
+    def _table_widths(self) -> None:
+        """fbgemm's TBE kernels (what torchrec shards tables into) take rows whose width
+        divides by 4; refused here rather than minutes later inside the sharder."""
+        for i, table in enumerate(self.tables):
+            for key in ("embedding_dim", "attention_dim"):
+                dim = getattr(table, key, None)  # attention_dim: decoupled only
+                if dim is not None and dim % 4:
+                    nearest = sorted({max(4, dim - dim % 4), dim + 4 - dim % 4})
+                    raise ValueError(
+                        f"tables[{i}]: {key} {dim} is not a multiple of 4, which fbgemm's "
+                        f"table kernels need; use {' or '.join(map(str, nearest))}"
+                    )
+
+    def _validation_rules(self) -> None:
+        """Keys that act on validation need a validation split; GAUC needs its groups."""
+        t = self.train
+        if self.data.valid_days == 0:
+            for key in ("validate_every", "patience", "lr_decay"):
+                if getattr(t, key) is not None:
+                    raise ValueError(
+                        f"train.{key}: no validation split to act on (data.valid_days is 0)"
+                    )
+        if t.monitor == "gauc" and not (self.features.user_id and self.eval.gauc):
+            raise ValueError(
+                "train.monitor: 'gauc' needs features.user_id and eval.gauc to group rows by"
+            )
 
     def _check_optembed(self) -> None:
         kinds = {t.variant == "optembed" for t in self.tables}

@@ -17,11 +17,15 @@ class ModelConfig(Strict):
     twin, twin_proj, dare) read features.sequences as item, category behaviours."""
 
     name: Literal["dlrm", "deepfm", "dcnv2", "din", "twin", "twin_proj", "dare"] = "dlrm"
+    # CTR models' MLPs: Linear -> BatchNorm (batch_norm) -> ReLU -> Dropout per hidden layer.
     dense_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256, 64])
     over_arch: list[PositiveInt] = Field(default_factory=lambda: [512, 256])
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    batch_norm: bool = False
     cross_layers: PositiveInt = 3  # DCN-v2
     cross_low_rank: PositiveInt | None = None  # DCN-v2 low-rank (mixture-free) cross
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # DCN-v2: stacked (cross net, then the MLP) or parallel (both on x0, logit over both).
+    cross_structure: Literal["stacked", "parallel"] = "stacked"
     top_k: PositiveInt = 20  # twin, twin_proj, dare: behaviours kept by the search
     din_length: PositiveInt = 200  # din: the most recent behaviours it attends over
     # Sequence models: rows of the time-position tables (row 0: the target; row p: the
@@ -31,6 +35,33 @@ class ModelConfig(Strict):
     @property
     def is_sequence(self) -> bool:
         return self.name in SEQUENCE_MODELS
+
+    @model_validator(mode="after")
+    def _keys_of_other_models(self) -> ModelConfig:
+        """A key the chosen model does not read is refused, unless at its default (as a
+        saved config writes it)."""
+        for key, models in _MODEL_KEYS.items():
+            if self.name in models:
+                continue
+            default = ModelConfig.model_fields[key].get_default(call_default_factory=True)
+            if getattr(self, key) != default:
+                raise ValueError(f"{key} is read by models {list(models)}, not by {self.name!r}")
+        return self
+
+
+_CTR = ("dlrm", "deepfm", "dcnv2")
+_MODEL_KEYS: dict[str, tuple[str, ...]] = {
+    "dense_arch": ("dlrm",),
+    "over_arch": _CTR,
+    "dropout": _CTR,
+    "batch_norm": _CTR,
+    "cross_layers": ("dcnv2",),
+    "cross_low_rank": ("dcnv2",),
+    "cross_structure": ("dcnv2",),
+    "top_k": ("twin", "twin_proj", "dare"),
+    "din_length": ("din",),
+    "time_positions": SEQUENCE_MODELS,
+}
 
 
 class OptEmbedSearchConfig(Strict):
@@ -144,18 +175,36 @@ class TrainConfig(Strict):
     batch_size: PositiveInt = 4096
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
-    sparse_optimizer: Literal["rowwise_adagrad", "adam", "sgd"] = "rowwise_adagrad"
+    # The tables' optimizer, fused into fbgemm's backward (adam: CUDA only).
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     sparse_lr: Annotated[float, Field(gt=0.0)] = 0.05
     dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     dense_lr: Annotated[float, Field(gt=0.0)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    # L2 of the embedding rows a batch looks up, each distinct row once (a loss term: the
+    # row's gradient gains lambda * w); rows it does not read are left alone (see README).
+    embedding_l2: Annotated[float, Field(ge=0.0)] = 0.0
+    dense_l2: Annotated[float, Field(ge=0.0)] = 0.0  # L2 of dense weights (the optimizer's)
+    # Gradient norm of the dense parameters clipped to this (tables update inside backward).
+    clip_grad_norm: Annotated[float, Field(gt=0.0)] | None = None
+    # Reduce on plateau: every validation without a better `monitor` multiplies every
+    # learning rate by lr_decay, down to min_lr (FuxiCTR's recipe: 0.1 and 1e-6).
+    lr_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    min_lr: Annotated[float, Field(ge=0.0)] = 1e-6
     seed: int = 0
     log_every: PositiveInt = 50
     checkpoint_every: PositiveInt | None = None
+    # Validation on the held-out split (data.valid_days) at every epoch's end, also every
+    # `validate_every` steps when set, and at the last step. The checkpoint of the best
+    # `monitor` value is kept beside the newest `keep_checkpoints`; `evaluate` and
+    # `export` read it unless told otherwise.
+    validate_every: PositiveInt | None = None
+    monitor: Literal["auc", "logloss", "gauc"] = "auc"
+    # Stop after this many validations in a row without a better `monitor` (None: never).
+    patience: PositiveInt | None = None
     # Ray Train restarts a failed worker group this many times, each from the newest
     # complete checkpoint (checkpoint_every sets how much work a failure can cost).
     max_failures: Annotated[int, Field(ge=0)] = 3
-    keep_checkpoints: PositiveInt = 2  # the newest N checkpoints; older ones are deleted
+    keep_checkpoints: PositiveInt = 2  # the newest N checkpoints and the best; others go
     run_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

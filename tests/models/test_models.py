@@ -2,31 +2,53 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.export import Dim, export
 
 from models.ctr import DLRM, CtrModel, DeepFM, build_ctr_model
-from models.layers import CrossLayer, DotInteraction, fm_interaction
+from models.layers import MLP, CrossLayer, DotInteraction, fm_interaction
 from recsys.config import ModelConfig
 
 SMALL = {"dense_arch": [16, 8], "over_arch": [16], "cross_layers": 2}
+_READS = {
+    "dlrm": ("dense_arch", "over_arch"),
+    "deepfm": ("over_arch",),
+    "dcnv2": ("over_arch", "cross_layers"),
+}
+
+
+def small(name: str, **keys: object) -> ModelConfig:
+    """A small model `name`, with the keys of SMALL that it reads."""
+    mine = {k: v for k, v in SMALL.items() if k in _READS[name]}
+    return ModelConfig(name=name, **mine, **keys)  # type: ignore[arg-type]
+
 
 # (model config, num_dense, sparse_dims): every model, with and without dense inputs, and
 # unequal widths for the models that accept them.
 CASES = [
-    pytest.param(ModelConfig(name="dlrm", **SMALL), 4, [8, 8, 8], id="dlrm"),
-    pytest.param(ModelConfig(name="dlrm", **SMALL), 0, [8, 8], id="dlrm-no-dense"),
-    pytest.param(ModelConfig(name="deepfm", **SMALL), 3, [8, 8, 8], id="deepfm"),
-    pytest.param(ModelConfig(name="deepfm", **SMALL), 0, [8, 4, 6], id="deepfm-mixed-dims"),
-    pytest.param(ModelConfig(name="dcnv2", **SMALL), 3, [8, 4], id="dcnv2"),
+    pytest.param(small("dlrm"), 4, [8, 8, 8], id="dlrm"),
+    pytest.param(small("dlrm"), 0, [8, 8], id="dlrm-no-dense"),
+    pytest.param(small("deepfm"), 3, [8, 8, 8], id="deepfm"),
+    pytest.param(small("deepfm"), 0, [8, 4, 6], id="deepfm-mixed-dims"),
+    pytest.param(small("dcnv2"), 3, [8, 4], id="dcnv2"),
     pytest.param(
-        ModelConfig(name="dcnv2", cross_low_rank=3, dropout=0.2, **SMALL),
+        small("dcnv2", cross_low_rank=3, dropout=0.2),
         0,
         [8, 8],
         id="dcnv2-low-rank",
     ),
+    pytest.param(
+        small("dcnv2", cross_structure="parallel", batch_norm=True, dropout=0.2),
+        2,
+        [8, 8],
+        id="dcnv2-parallel-bn",
+    ),
+    pytest.param(small("deepfm", batch_norm=True), 3, [8, 8], id="deepfm-bn"),
+    pytest.param(small("dlrm", batch_norm=True, dropout=0.1), 4, [8, 8], id="dlrm-bn"),
 ]
 
 
@@ -56,7 +78,7 @@ def test_dot_interaction_matches_double_loop():
 
 def test_dlrm_forward_is_top_mlp_over_bottom_and_pairwise_dots():
     torch.manual_seed(0)
-    model = DLRM(ModelConfig(name="dlrm", **SMALL), 4, [8, 8, 8]).eval()
+    model = DLRM(small("dlrm"), 4, [8, 8, 8]).eval()
     dense, embeddings = _inputs(2, 4, [8, 8, 8])
     bottom = model.bottom(dense)
     vectors = [bottom, *embeddings.split(8, dim=1)]
@@ -78,12 +100,12 @@ def test_fm_term_is_sum_over_field_pairs():
 
 
 def test_deepfm_lifts_only_narrower_fields_to_the_widest_dim():
-    model = DeepFM(ModelConfig(name="deepfm", **SMALL), 0, [8, 4, 6])
+    model = DeepFM(small("deepfm"), 0, [8, 4, 6])
     embeddings = torch.randn(2, 18)
     fields = model.fm_fields(embeddings)
     assert fields.shape == (2, 3, 8)
     torch.testing.assert_close(fields[:, 0], embeddings[:, :8])
-    assert DeepFM(ModelConfig(name="deepfm", **SMALL), 0, [8, 8]).lifts is None
+    assert DeepFM(small("deepfm"), 0, [8, 8]).lifts is None
 
 
 @pytest.mark.parametrize("low_rank", [None, 2])
@@ -103,7 +125,7 @@ def test_cross_layer_matches_formula(low_rank: int | None):
 def test_model_learns_a_function_of_one_embedding(name: str):
     torch.manual_seed(0)
     sparse_dims = [8, 8, 8]
-    model = build_ctr_model(ModelConfig(name=name, **SMALL), 4, sparse_dims)
+    model = build_ctr_model(small(name), 4, sparse_dims)
     dense, embeddings = _inputs(512, 4, sparse_dims)
     labels = (embeddings[:, :8] @ torch.randn(8) > 0).float()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -139,9 +161,59 @@ def test_export_with_dynamic_batch_matches_eager(
 )
 def test_dlrm_misconfiguration_names_the_cause(num_dense: int, sparse_dims: list[int], named: str):
     with pytest.raises(ValueError, match=named):
-        build_ctr_model(ModelConfig(name="dlrm", **SMALL), num_dense, sparse_dims)
+        build_ctr_model(small("dlrm"), num_dense, sparse_dims)
 
 
 def test_models_need_a_sparse_feature():
     with pytest.raises(ValueError, match="sparse_dims"):
-        build_ctr_model(ModelConfig(name="dcnv2", **SMALL), 3, [])
+        build_ctr_model(small("dcnv2"), 3, [])
+
+
+def test_mlp_orders_linear_norm_relu_dropout_and_keeps_the_head_linear():
+    mlp = MLP(5, [6, 4, 1], dropout=0.3, relu_last=False, batch_norm=True)
+    kinds = [type(layer).__name__ for layer in mlp]
+    assert kinds == [
+        *("Linear", "BatchNorm1d", "ReLU", "Dropout"),
+        *("Linear", "BatchNorm1d", "ReLU", "Dropout"),
+        "Linear",
+    ]
+
+
+def test_parallel_dcn_is_a_logit_over_cross_and_deep_side_by_side():
+    torch.manual_seed(0)
+    model = build_ctr_model(small("dcnv2", cross_structure="parallel"), 2, [8, 4]).eval()
+    dense, embeddings = _inputs(5, 2, [8, 4])
+    x0 = torch.cat([dense, embeddings], dim=1)
+    x = x0
+    for layer in model.cross.layers:  # type: ignore[union-attr]
+        x = x0 * layer.weight(x) + x
+    deep = model.deep(x0)  # type: ignore[operator]
+    expected = torch.cat([x, deep], dim=1) @ model.logit.weight.T + model.logit.bias  # type: ignore[union-attr]
+    torch.testing.assert_close(model(dense, embeddings), expected.squeeze(-1))
+    stacked = build_ctr_model(small("dcnv2"), 2, [8, 4])
+    assert stacked.logit.in_features == 16 and model.logit.in_features == 16 + 14  # type: ignore[union-attr]
+
+
+def test_batch_norm_scores_a_batch_of_one_in_eval_mode():
+    torch.manual_seed(0)
+    model = build_ctr_model(small("deepfm", batch_norm=True), 3, [8, 8])
+    model(*_inputs(64, 3, [8, 8])).sum().backward()  # running statistics move off 0 / 1
+    model.eval()
+    dense, embeddings = _inputs(6, 3, [8, 8])
+    whole = model(dense, embeddings)
+    one_by_one = torch.cat([model(dense[i : i + 1], embeddings[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(one_by_one, whole)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"name": "deepfm", "cross_layers": 4}, "cross_layers is read by models ['dcnv2']"),
+        ({"name": "din", "dropout": 0.2}, "dropout is read by models"),
+        ({"name": "dlrm", "top_k": 5}, "top_k is read by models"),
+        ({"name": "dcnv2", "dense_arch": [8]}, "dense_arch is read by models ['dlrm']"),
+    ],
+)
+def test_a_key_the_model_does_not_read_is_refused(keys: dict[str, object], message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(**keys)  # type: ignore[arg-type]

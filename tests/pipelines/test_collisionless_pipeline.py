@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.build import build_model, latest_checkpoint, load_trained, load_vocabularies
+from pipelines.build import build_model, load_trained, load_vocabularies, run_checkpoint
 from pipelines.export.writer import export
 from pipelines.train.checkpoint import load_model_weights
 from pipelines.train.driver import train
@@ -90,7 +90,7 @@ def test_resumes_on_one_worker(trained, repo: Path) -> None:
     one = _config(tmp, "train.workers=1", f"tables.0.capacity={2 * CAPACITY}", "train.epochs=2")
     _, saved, _ = load_trained(first["run_dir"])
     model = build_model(one, load_vocabularies(Path(first["run_dir"])))
-    load_model_weights(latest_checkpoint(Path(first["run_dir"])), model)
+    load_model_weights(run_checkpoint(Path(first["run_dir"]), newest=True), model)
     pairs = zip(collisionless_transforms(saved), collisionless_transforms(model), strict=True)
     for two_workers, one_worker in pairs:
         ids, rows = two_workers.live_rows()

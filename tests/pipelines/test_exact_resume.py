@@ -2,7 +2,8 @@
 killed mid-training, ends with the weights of a run that never stopped, bit for bit.
 
 One worker, dropout on (the RNG state must come back), a shuffle buffer smaller than an
-epoch (the data order must come back), two epochs (the epoch boundary must be crossed).
+epoch (the data order must come back), two epochs (the epoch boundary must be crossed),
+validation every 5 steps (the early-stopping monitor must come back).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _config(repo: Path, tmp: Path, name: str, *extra: str) -> ExperimentConfig:
             "train.epochs=2",
             "train.log_every=1",
             "train.checkpoint_every=3",
+            "train.validate_every=5",
             *extra,
         ],
     )
@@ -60,17 +62,21 @@ def straight(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> tuple[Path
 
 
 def _weights(run: str) -> dict[str, torch.Tensor]:
-    return load_trained(run)[1].state_dict()
+    return load_trained(run, newest=True)[1].state_dict()
 
 
-def _assert_same_weights(run: str, reference: str) -> None:
-    got, expected = _weights(run), _weights(reference)
+def _assert_same_run(result: dict, reference: dict) -> None:
+    """The same final weights, bit for bit, and the same validations and best checkpoint."""
+    got, expected = _weights(result["run_dir"]), _weights(reference["run_dir"])
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+    for key in ("step", "best_step", "best_valid_auc", "valid_auc", "valid_logloss"):
+        assert result["metrics"][key] == reference["metrics"][key], key
 
 
-@pytest.mark.parametrize("stop", [4, 14])  # mid first epoch; mid second, past the boundary
+# mid first epoch; just after a validation; mid second epoch, past the boundary
+@pytest.mark.parametrize("stop", [4, 10, 14])
 def test_resume_equals_never_stopping(straight, repo: Path, stop: int) -> None:
     tmp, reference = straight
     steps = reference["metrics"]["step"]
@@ -79,7 +85,7 @@ def test_resume_equals_never_stopping(straight, repo: Path, stop: int) -> None:
     assert first["metrics"]["step"] == stop
     resumed = train(_config(repo, tmp, f"stop{stop}"), resume=True)
     assert resumed["metrics"]["step"] == steps
-    _assert_same_weights(resumed["run_dir"], reference["run_dir"])
+    _assert_same_run(resumed, reference)
     records = (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert any(json.loads(r).get("resumed_step") == stop for r in records)
 
@@ -114,4 +120,4 @@ def test_a_killed_worker_costs_nothing(straight, repo: Path) -> None:
     # from a checkpoint (every 3 steps) at or after step 6, which the kill came after
     assert resumed and resumed[0]["resumed_step"] % 3 == 0 and resumed[0]["resumed_step"] >= 6
     assert result["metrics"]["step"] == reference["metrics"]["step"]
-    _assert_same_weights(result["run_dir"], reference["run_dir"])
+    _assert_same_run(result, reference)

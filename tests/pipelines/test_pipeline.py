@@ -27,6 +27,13 @@ def _config(tmp: Path, *extra: str) -> ExperimentConfig:
         "train.epochs=1",
         "train.log_every=5",
         "train.checkpoint_every=5",
+        # the recipe's parts (issue 19): evaluate and export must reproduce them exactly
+        "model.batch_norm=true",
+        "model.dropout=0.1",
+        "train.embedding_l2=0.01",
+        "train.dense_l2=1e-6",
+        "train.clip_grad_norm=10",
+        "train.sparse_optimizer=adagrad",
         *extra,
     )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.build import latest_checkpoint
+from pipelines.build import run_checkpoint
 from pipelines.train.checkpoint import incomplete_reason, newest_complete, save_checkpoint
 from pipelines.train.run_folder import RunFolder, config_changes
 from recsys.config import ConfigError, ExperimentConfig, load_config
@@ -83,10 +83,10 @@ def test_readers_take_the_newest_complete_checkpoint(
     reason = incomplete_reason(broken)
     assert reason is not None and f"{data.name} has " in reason
     with caplog.at_level(logging.WARNING):
-        assert latest_checkpoint(run).name == "checkpoint_step00000010_aaaaaa"
+        assert run_checkpoint(run).name == "checkpoint_step00000010_aaaaaa"
     assert "skipping incomplete checkpoint" in caplog.text and broken.name in caplog.text
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        latest_checkpoint(broken)
+        run_checkpoint(broken)
     shutil.rmtree(broken / "manifests")
     assert incomplete_reason(broken) == "no manifests"
     shutil.rmtree(run / "checkpoint_step00000010_aaaaaa" / "manifests")

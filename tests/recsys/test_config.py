@@ -80,6 +80,20 @@ def test_overrides_apply_with_yaml_types(tmp_path: Path) -> None:
         (["data.synthetic={family: dice}"], "data.synthetic"),
         (["tables.3.name=x"], "tables.3 is not an index of the list"),
         (["train"], "is not of the form key=value"),
+        (
+            ["tables.0.embedding_dim=10", "model.dense_arch=[10]"],
+            "tables[0]: embedding_dim 10 is not a multiple of 4, which fbgemm's table kernels "
+            "need; use 8 or 12",
+        ),
+        (
+            ["train.lr_decay=0.1", "data.valid_days=0"],
+            "train.lr_decay: no validation split to act on",
+        ),
+        (["train.lr_decay=1"], "train.lr_decay: Input should be less than 1"),
+        (
+            ["model.cross_layers=2"],
+            "model: cross_layers is read by models ['dcnv2'], not by 'dlrm'",
+        ),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path: Path, overrides: list[str], message: str) -> None:

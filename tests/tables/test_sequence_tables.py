@@ -50,7 +50,11 @@ def seq_doc(model: str = "twin", decoupled: bool = False) -> dict[str, Any]:
             ],
         },
         "tables": [item, category],
-        "model": {"name": model, "top_k": 3, "din_length": 5, "time_positions": POSITIONS},
+        "model": {
+            "name": model,
+            **({"din_length": 5} if model == "din" else {"top_k": 3}),
+            "time_positions": POSITIONS,
+        },
     }
 
 
@@ -229,7 +233,7 @@ def _broken(change: Any) -> dict[str, Any]:
         (seq_doc("dare"), "the table of 'item_id' needs variant 'decoupled'"),
         (seq_doc("twin", decoupled=True), "model 'twin' reads one embedding set"),
         (
-            _broken(lambda d: d["model"].update(name="deepfm"))
+            _broken(lambda d: d.update(model={"name": "deepfm"}))
             | {"tables": seq_doc("dare", True)["tables"]},
             "variant 'decoupled' is for sequence models",
         ),
@@ -344,10 +348,10 @@ def test_export_round_trip_scores_what_the_model_scores(name: str, tmp_path: Pat
         loss.backward()
         optimizer.step()
     run = tmp_path / "run"
-    (run / "checkpoint_00000003").mkdir(parents=True)
+    (run / "checkpoint_step00000003").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     save_vocabularies(run, {"category": CATEGORIES})
-    save_checkpoint(run / "checkpoint_00000003", model, optimizer, {"step": 3})
+    save_checkpoint(run / "checkpoint_step00000003", model, optimizer, {"step": 3})
     summary = export(run, tmp_path / "export")
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     tables = {t["name"]: t for t in manifest["tables"]}

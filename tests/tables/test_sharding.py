@@ -278,6 +278,8 @@ CASES = [
         for s in ("table_wise", "row_wise", "column_wise")
     ),
     _uniform("sequence", "row_wise", "sgd"),
+    *(_uniform("pooled", s, "adagrad") for s in ("table_wise", "row_wise", "column_wise")),
+    _uniform("sequence", "table_wise", "adagrad"),
 ]
 
 
@@ -563,3 +565,37 @@ def test_fbgemm_cpu_dense_sequence_lookup() -> None:
     )
     indices, offsets = torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])
     assert tbe(indices, offsets).shape == (3, 4)  # one row per ID; CPU returns (2, 4)
+
+
+@pytest.mark.xfail(strict=True, reason="fbgemm's CPU row-wise Adagrad ignores weight_decay")
+@pytest.mark.parametrize("mode", ["L2", "DECOUPLE"])
+def test_fbgemm_cpu_rowwise_adagrad_weight_decay(mode: str) -> None:
+    """Why embedding L2 is a loss term: the fused kernel's decay does nothing on CPU.
+    Passing means `wd * w` reaches the looked-up rows there and the kernel could do it."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    lr, decay = 0.1, 0.5
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(10, 8, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=lr,
+        eps=1e-8,
+        weight_decay=decay,
+        weight_decay_mode=WeightDecayMode[mode],
+    )
+    torch.manual_seed(0)
+    start = torch.randn(10, 8) * 0.1
+    tbe.weights_host.data.copy_(start.flatten())
+    out = tbe(torch.tensor([1, 2, 2, 5]), torch.tensor([0, 1, 3, 4]))
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    grad = torch.zeros(10, 8).index_add_(0, torch.tensor([1, 2, 2, 5]), upstream[[0, 1, 1, 2]])
+    step = lr * grad / (grad.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-8)
+    undecayed = start - step
+    assert not torch.allclose(tbe.weights_host.view(10, 8), undecayed, atol=1e-6)

@@ -154,10 +154,10 @@ def test_dare_trains_and_round_trips_through_checkpoint_and_export(tmp_path: Pat
     losses, optimizer = _train(model, cfg, steps=8)
     assert losses[-1] < losses[0], losses
     run = tmp_path / "run"
-    (run / "checkpoint_00000008").mkdir(parents=True)
+    (run / "checkpoint_step00000008").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     save_vocabularies(run, {})
-    save_checkpoint(run / "checkpoint_00000008", model, optimizer, {"step": 8})
+    save_checkpoint(run / "checkpoint_step00000008", model, optimizer, {"step": 8})
 
     unseen = 2 * 10**12 + np.arange(10, dtype=np.int64)
     table = log(40, seed=4, pool=np.concatenate([ITEM_POOL, unseen]))
@@ -206,9 +206,10 @@ def test_incremental_export_applies_to_its_base(tmp_path: Path) -> None:
         loss.backward()
         optimizer.step()
         if step in (3, 7):
-            (run / f"checkpoint_{step + 1:08d}").mkdir()
-            save_checkpoint(run / f"checkpoint_{step + 1:08d}", model, optimizer, {"step": step})
-    export(run / "checkpoint_00000004", tmp_path / "base")
+            checkpoint = run / f"checkpoint_step{step + 1:08d}"
+            checkpoint.mkdir()
+            save_checkpoint(checkpoint, model, optimizer, {"step": step})
+    export(run / "checkpoint_step00000004", tmp_path / "base")
     export(run, tmp_path / "delta", since=tmp_path / "base")
     export(run, tmp_path / "full")
 
