@@ -39,15 +39,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 import torch.distributed as dist
 from harness import init_single_rank_group, shard_for_training, train_in_order
 
 from pipelines.build import build_model, table_sharding
-from pipelines.train.split import validation_cutoff
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, load_config
-from recsys.logs import read_validated
+from recsys.logs import parquet_files, read_validated
 from recsys.metrics import auc, gauc, logloss
 from recsys.synth import generate
 from tables.vocab import build_vocabularies
@@ -84,7 +84,8 @@ def _train_and_score(cfg: ExperimentConfig, log: Path) -> dict[str, float]:
     """Train on every day but the last, in time order; metrics on the last day."""
     *train_days, test_day = sorted(log.glob("day=*"))
     torch.manual_seed(cfg.train.seed)
-    vocabularies = build_vocabularies(cfg, log, validation_cutoff(cfg, log))
+    train_files = [str(p) for day in train_days for p in parquet_files(day)]
+    vocabularies = build_vocabularies(cfg, pl.scan_parquet(train_files, hive_partitioning=False))
     model = build_model(cfg, vocabularies, torch.device("meta"))
     t = cfg.train
     dmp, optimizer = shard_for_training(model, cfg, table_sharding(model))

@@ -10,7 +10,9 @@ is exactly TWIN. `model.decoupled` tells the caller which kind of tables to buil
 
 A vector (target or behaviour) is the concatenation of item, category and time-position
 embeddings, in that order. The time index is the reverse position in the history (most
-recent behaviour = 1, see `tables.sequence.reverse_positions`) and 0 for the target.
+recent behaviour = 1, see `tables.sequence.reverse_positions`) and 0 for the target. A
+model built with `time_gaps` also reads each behaviour's gap to its impression
+(`SequenceInputs.gaps`, see `models.time_gaps`) and adds its embedding to the attention keys.
 
 Export: every model traces with `torch.export` (symbolic batch size and history total)
 when built with `max_length`, a static bound on history lengths; see `search_top_k`.
@@ -24,6 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from models.search import scaled_query, search_top_k
+from models.segments import segment_mean, segment_softmax
+from models.time_gaps import TimeGapEmbedding, with_time_gaps
 from recsys.config import SEQUENCE_MODELS
 
 
@@ -63,33 +67,31 @@ class SequenceInputs:
 
     offsets: [B + 1] int64 starts of each user's history in the history values (a
     history may be empty, but the batch must hold at least one behaviour); other: optional
-    [B, other_dim] dense features and pooled embeddings of non-sequence features.
+    [B, other_dim] dense features and pooled embeddings of non-sequence features; gaps:
+    optional [N] int64 seconds from each behaviour to its impression, read by a model built
+    with time gaps (and ignored by one without).
     """
 
     attention: EmbeddingSet
     representation: EmbeddingSet
     offsets: Tensor
     other: Tensor | None = None
+    gaps: Tensor | None = None
 
     @classmethod
     def coupled(
-        cls, embeddings: EmbeddingSet, offsets: Tensor, other: Tensor | None = None
+        cls,
+        embeddings: EmbeddingSet,
+        offsets: Tensor,
+        other: Tensor | None = None,
+        gaps: Tensor | None = None,
     ) -> SequenceInputs:
         """Inputs for a model with one embedding set serving attention and representation."""
-        return cls(embeddings, embeddings, offsets, other)
+        return cls(embeddings, embeddings, offsets, other, gaps)
 
 
 torch.export.register_dataclass(EmbeddingSet)
 torch.export.register_dataclass(SequenceInputs)
-
-
-def segment_mean(values: Tensor, offsets: Tensor) -> Tensor:
-    """[N, d] jagged values -> [B, d] mean per user; 0 for an empty history."""
-    lengths = offsets[1:] - offsets[:-1]
-    users = torch.arange(lengths.shape[0], device=values.device)
-    rows = torch.repeat_interleave(users, lengths, output_size=values.shape[0])
-    sums = values.new_zeros(lengths.shape[0], values.shape[1]).index_add(0, rows, values)
-    return sums / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
 
 
 def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
@@ -187,6 +189,7 @@ class TwoStageModel(nn.Module):
         top_k: int = 20,
         project: bool = False,
         max_length: int | None = None,
+        time_gaps: bool = False,
     ) -> None:
         super().__init__()
         if not decoupled and attention != representation:
@@ -202,17 +205,19 @@ class TwoStageModel(nn.Module):
         self.top_k = top_k
         self.max_length = max_length
         self.projections = Projections(attention) if project else None
+        self.time_gaps = TimeGapEmbedding(attention.total) if time_gaps else None
         self.head = InterestHead(representation.total, other_dim)
 
     def forward(self, inputs: SequenceInputs) -> Tensor:
         """-> logits [B]."""
         att, rep, offsets = inputs.attention, inputs.representation, inputs.offsets
+        keys = with_time_gaps(att.history, inputs.gaps, self.time_gaps)
         target = att.target if self.projections is None else self.projections.query(att.target)
         time_dim = self.attention_dims.time
-        top = search_top_k(target, att.history, offsets, time_dim, self.top_k, self.max_length)
-        rows = (offsets[:-1].unsqueeze(1) + top.indices).clamp(max=att.history.shape[0] - 1)
+        top = search_top_k(target, keys, offsets, time_dim, self.top_k, self.max_length)
+        rows = (offsets[:-1].unsqueeze(1) + top.indices).clamp(max=keys.shape[0] - 1)
         query = scaled_query(target, time_dim).unsqueeze(-1)
-        scores = (att.history[rows] @ query).squeeze(-1)
+        scores = (keys[rows] @ query).squeeze(-1)
         weights = masked_softmax(scores, top.valid)
         interest = (weights.unsqueeze(1) @ rep.history[rows]).squeeze(1)
         mean = segment_mean(rep.history, offsets)
@@ -229,11 +234,19 @@ class DIN(nn.Module):
 
     The activation unit scores each behaviour with an MLP on [t, h, t - h, t * h] of the
     attention vectors (time part included), normalised with a softmax as in the DARE
-    paper's baseline; the mean in the head covers the same window, all DIN sees.
+    paper's baseline; the mean in the head covers the same window, all DIN sees. The window
+    stays jagged, each user's min(length, history) behaviours one after the other: the unit
+    never runs on padding, so a batch costs what its true histories hold.
     """
 
     def __init__(
-        self, dims: FieldDims, *, other_dim: int = 0, length: int = 200, hidden: int = 36
+        self,
+        dims: FieldDims,
+        *,
+        other_dim: int = 0,
+        length: int = 200,
+        hidden: int = 36,
+        time_gaps: bool = False,
     ) -> None:
         super().__init__()
         self.dims = dims
@@ -242,26 +255,33 @@ class DIN(nn.Module):
         self.unit = nn.Sequential(
             nn.Linear(4 * dims.total, hidden), nn.PReLU(init=0.1), nn.Linear(hidden, 1)
         )
+        self.time_gaps = TimeGapEmbedding(dims.total) if time_gaps else None
         self.head = InterestHead(dims.total, other_dim)
 
-    def recent(self, offsets: Tensor, total: int) -> tuple[Tensor, Tensor]:
-        """Rows of each user's last `length` behaviours [B, L] (clamped) and their validity."""
-        rows = offsets[1:].unsqueeze(1) - self.length + torch.arange(self.length).to(offsets)
-        valid = rows >= offsets[:-1].unsqueeze(1)
-        return rows.clamp(min=0, max=total - 1), valid
+    def window(self, offsets: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows [M] of each user's last `length` behaviours, oldest first, user after user;
+        the user [M] of each; the window's lengths [B]) for `total` history rows."""
+        lengths = offsets[1:] - offsets[:-1]
+        users = torch.arange(lengths.shape[0], device=offsets.device)
+        owner = torch.repeat_interleave(users, lengths, output_size=total)
+        back = offsets[1:][owner] - torch.arange(total, device=offsets.device)  # 1 = newest
+        rows = (back <= self.length).nonzero().squeeze(1)
+        return rows, owner[rows], lengths.clamp(max=self.length)
 
     def forward(self, inputs: SequenceInputs) -> Tensor:
         """-> logits [B]."""
         att, rep = inputs.attention, inputs.representation
-        rows, valid = self.recent(inputs.offsets, att.history.shape[0])
-        keys = att.history[rows]
-        target = att.target.unsqueeze(1).expand_as(keys)
+        batch = att.target.shape[0]
+        rows, users, counts = self.window(inputs.offsets, att.history.shape[0])
+        gaps = None if inputs.gaps is None else inputs.gaps[rows]
+        keys = with_time_gaps(att.history[rows], gaps, self.time_gaps)
+        target = att.target[users]
         scores = self.unit(torch.cat([target, keys, target - keys, target * keys], -1))
-        weights = masked_softmax(scores.squeeze(-1), valid)
+        weights = segment_softmax(scores.squeeze(-1), users, batch)
         values = rep.history[rows]
-        interest = (weights.unsqueeze(1) @ values).squeeze(1)
-        counts = valid.sum(1, keepdim=True).clamp(min=1).to(values.dtype)
-        mean = (values * valid.unsqueeze(-1)).sum(1) / counts
+        zeros = values.new_zeros(batch, values.shape[1])
+        interest = zeros.index_add(0, users, weights.unsqueeze(1) * values)
+        mean = zeros.index_add(0, users, values) / counts.clamp(min=1).unsqueeze(1).to(zeros)
         return self.head(rep.target, interest, mean, inputs.other)
 
 
@@ -274,21 +294,28 @@ def build_sequence_model(
     top_k: int = 20,
     din_length: int = 200,
     max_length: int | None = None,
+    time_gaps: bool = False,
 ) -> nn.Module:
     """The sequence model `name` over vectors of field dims `dims` (the representation set).
 
     attention_dims: DARE's attention set (default: equal to `dims`); the coupled models
     share one set and reject it. other_dim: width of `SequenceInputs.other`. top_k: the
     two-stage models' K. din_length: DIN's window. max_length: static bound on history
-    lengths, needed for `torch.export` of the two-stage models.
+    lengths, needed for `torch.export` of the two-stage models. time_gaps: read
+    `SequenceInputs.gaps` (for a log with behaviour timestamps).
     """
     if name not in SEQUENCE_MODELS:
         raise ValueError(f"unknown sequence model {name!r}; known: {list(SEQUENCE_MODELS)}")
     if attention_dims is not None and name != "dare":
         raise ValueError(f"{name}: one embedding set; attention_dims is for 'dare' only")
     if name == "din":
-        return DIN(dims, other_dim=other_dim, length=din_length)
-    two_stage = {"other_dim": other_dim, "top_k": top_k, "max_length": max_length}
+        return DIN(dims, other_dim=other_dim, length=din_length, time_gaps=time_gaps)
+    two_stage = {
+        "other_dim": other_dim,
+        "top_k": top_k,
+        "max_length": max_length,
+        "time_gaps": time_gaps,
+    }
     if name == "dare":
         return dare(attention_dims or dims, dims, **two_stage)
     if name == "twin_proj":
@@ -297,16 +324,32 @@ def build_sequence_model(
 
 
 def twin(
-    dims: FieldDims, *, other_dim: int = 0, top_k: int = 20, max_length: int | None = None
+    dims: FieldDims,
+    *,
+    other_dim: int = 0,
+    top_k: int = 20,
+    max_length: int | None = None,
+    time_gaps: bool = False,
 ) -> TwoStageModel:
     """TWIN (Chang et al. 2023): one embedding set searches the history and is aggregated."""
     return TwoStageModel(
-        dims, dims, decoupled=False, other_dim=other_dim, top_k=top_k, max_length=max_length
+        dims,
+        dims,
+        decoupled=False,
+        other_dim=other_dim,
+        top_k=top_k,
+        max_length=max_length,
+        time_gaps=time_gaps,
     )
 
 
 def twin_with_projections(
-    dims: FieldDims, *, other_dim: int = 0, top_k: int = 20, max_length: int | None = None
+    dims: FieldDims,
+    *,
+    other_dim: int = 0,
+    top_k: int = 20,
+    max_length: int | None = None,
+    time_gaps: bool = False,
 ) -> TwoStageModel:
     """TWIN with per-field linear projections for attention and representation: the DARE
     paper's cheaper alternative to a second embedding set."""
@@ -318,6 +361,7 @@ def twin_with_projections(
         other_dim=other_dim,
         top_k=top_k,
         max_length=max_length,
+        time_gaps=time_gaps,
     )
 
 
@@ -328,6 +372,7 @@ def dare(
     other_dim: int = 0,
     top_k: int = 20,
     max_length: int | None = None,
+    time_gaps: bool = False,
 ) -> TwoStageModel:
     """DARE (Feng et al. 2024): TWIN's two stages with decoupled embeddings, one set to
     search and weigh the history, another to aggregate it."""
@@ -338,4 +383,5 @@ def dare(
         other_dim=other_dim,
         top_k=top_k,
         max_length=max_length,
+        time_gaps=time_gaps,
     )

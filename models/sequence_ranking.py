@@ -3,7 +3,8 @@
 The sequence tables hand over an attention and a representation embedding set (the same
 tensors unless the tables are decoupled); dense features and the pooled embeddings of the
 remaining sparse features become the model's `other` input. The model itself (DIN, TWIN,
-TWIN with projections, DARE) sees `SequenceInputs` only.
+TWIN with projections, DARE) sees `SequenceInputs` only, with the behaviours' time gaps to
+their impressions when the log has behaviour timestamps.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class SequenceRankingModel(nn.Module):
             representation=EmbeddingSet(out.representation_target, out.representation_history),
             offsets=out.offsets,
             other=torch.cat(other, dim=1) if other else None,
+            gaps=batch.time_gaps(),
         )
 
     def forward(self, batch: Batch) -> Tensor:
@@ -72,6 +74,7 @@ class FlatSequenceModel(nn.Module):
         representation_history: Tensor,
         offsets: Tensor,
         other: Tensor | None = None,
+        gaps: Tensor | None = None,
     ) -> Tensor:
         return self.model(
             SequenceInputs(
@@ -79,5 +82,6 @@ class FlatSequenceModel(nn.Module):
                 EmbeddingSet(representation_target, representation_history),
                 offsets,
                 other,
+                gaps,
             )
         )

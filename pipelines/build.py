@@ -96,6 +96,7 @@ def build_sequence_ranking(
         other_dim=other_dim,
         top_k=m.top_k,
         din_length=m.din_length,
+        time_gaps=bool(cfg.features.sequence_timestamps),
     )
     return SequenceRankingModel(sequence, model, pooled, num_dense)
 

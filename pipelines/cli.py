@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--newest", action="store_true", help="a run directory's newest checkpoint, not its best"
     )
-    p.add_argument("--data", required=True, help="held-out Parquet log")
+    p.add_argument("--data", help="held-out Parquet log (default: the run's data.test)")
     p.add_argument("--workers", type=int, default=1, help="parallel scoring actors")
     p.add_argument("--out", help="report directory (default: eval.report_dir or <run>/eval)")
     p.set_defaults(func=_cmd_evaluate)

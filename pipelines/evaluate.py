@@ -18,6 +18,7 @@ import torch
 from pipelines.build import load_trained
 from pipelines.train.driver import start_ray
 from recsys.batch import BatchConverter
+from recsys.config import ConfigError
 from recsys.contract import BadRowCounts, validate_table
 from recsys.logs import parquet_files, read_validated
 from recsys.metrics import evaluate_predictions, plot_report
@@ -47,14 +48,17 @@ class _Scorer:
 
 def evaluate(
     run: str | Path,
-    data: str | Path,
+    data: str | Path | None = None,
     workers: int = 1,
     report_dir: str | Path | None = None,
     newest: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of the run's best checkpoint (its newest with `newest`) on `data`; also
-    written as JSON and PNG."""
+    """Metrics of the run's best checkpoint (its newest with `newest`) on `data` (default:
+    the run's data.test); also written as JSON and PNG."""
     cfg, _, progress = load_trained(run, newest)
+    data = data or cfg.data.test
+    if data is None:
+        raise ConfigError(f"{run}: no data to score; pass --data or set data.test in the config")
     skipped = BadRowCounts()
     for _ in read_validated(data, cfg.features, 262_144, cfg.data.on_bad_rows, skipped):
         pass  # every bad row named (file, column, row) or counted before scoring starts

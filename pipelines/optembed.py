@@ -31,11 +31,10 @@ import torch
 
 from pipelines.build import KEEP_FILE, VOCAB_FILE, load_trained
 from pipelines.train.driver import run_dir_of, start_ray, train
-from pipelines.train.split import validation_cutoff
+from pipelines.train.split import make_split
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
 from recsys.contract import validate_table
-from recsys.logs import parquet_files
 from recsys.metrics import auc
 from tables.optembed.embeddings import OptEmbedEmbeddings
 from tables.optembed.masks import prefix_masks, sparsity
@@ -84,15 +83,10 @@ class CandidateScorer:
 
 
 def validation_tables(cfg: ExperimentConfig) -> list[pa.Table]:
-    """The validation split (the days training held out), read by Ray Data, validated."""
-    if cfg.data.train is None:
-        raise ConfigError("data.train: no training log given")
-    cutoff = validation_cutoff(cfg, cfg.data.train)
-    if cutoff is None:
-        raise ConfigError("search: data.valid_days must be at least 1 (fitness is validation AUC)")
-    files = [str(p) for p in parquet_files(cfg.data.train)]
-    log = ray.data.read_parquet(files, columns=cfg.features.column_names(), partitioning=None)
-    valid = log.filter(expr=f"{cfg.features.timestamp} >= {cutoff}")
+    """The validation split training used, read by Ray Data, validated."""
+    if not cfg.data.has_validation:
+        raise ConfigError("search: fitness is validation AUC, and data.valid_days is 0")
+    valid = make_split(cfg).datasets(cfg.features.column_names())["valid"]
     tables = []
     for table in valid.iter_batches(batch_format="pyarrow", batch_size=cfg.train.batch_size):
         clean, _ = validate_table(

@@ -20,7 +20,7 @@ import polars as pl
 
 from pipelines.build import save_vocabularies
 from pipelines.train.driver import run_dir_of, train
-from pipelines.train.split import validation_cutoff
+from pipelines.train.split import make_split
 from recsys.config import ConfigError, ExperimentConfig, TableConfig, config_from_dict
 from tables.budget import VARIANTS, budget_tables, full_parameters, full_tables
 from tables.pooled import table_specs
@@ -69,14 +69,13 @@ def sweep(
         raise ValueError(f"budgets must be fractions in (0, 1], got {budgets}")
     if cfg.data.train is None or not cfg.tables:
         raise ConfigError("sweep: the config needs data.train and a tables section")
-    if cfg.data.valid_days == 0:
-        raise ConfigError("sweep: data.valid_days must be at least 1 to score the variants")
+    if not cfg.data.has_validation:
+        raise ConfigError("sweep: the variants are scored on validation; data.valid_days is 0")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cutoff = validation_cutoff(cfg, cfg.data.train)
     full = _variant_config(cfg, "full", 1.0, full_tables(cfg.tables), out)
-    vocabularies = build_vocabularies(full, cfg.data.train, cutoff)
+    vocabularies = build_vocabularies(full, make_split(cfg).training_rows())
     rows = {feature: len(ids) + 1 for feature, ids in vocabularies.items()}
     total = full_parameters(cfg.tables, rows)
 

@@ -40,6 +40,17 @@ class Batch:
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
 
+    def time_gaps(self) -> torch.Tensor | None:
+        """[N] int64 seconds from each behaviour to its impression (the row's timestamp
+        minus the behaviour's), aligned with the histories; None without sequence_timestamps.
+        """
+        if self.sequence_timestamps is None:
+            return None
+        behaviours = self.sequence_timestamps.values()
+        lengths = self.sequence_timestamps.lengths()
+        rows = torch.repeat_interleave(self.timestamps, lengths, output_size=behaviours.numel())
+        return rows - behaviours
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Copy to a device (the torchrec `Pipelineable` protocol)."""
         moved = {

@@ -18,16 +18,37 @@ from recsys.contract import BadRowCounts, check_schema, validate_table
 
 
 def parquet_files(path: str | Path) -> list[Path]:
-    """A Parquet file, or every `*.parquet` under a directory (sorted, so day order holds)."""
+    """A Parquet file, every `*.parquet` under a directory, or a glob's matches (`**`
+    recursive), sorted so that day order holds."""
+    text = str(path)
+    if any(c in text for c in "*?["):
+        root, pattern = _glob_root(text)
+        files = sorted(p for p in root.glob(pattern) if p.is_file() and _visible(p))
+        if not files:
+            raise FileNotFoundError(f"{text}: the glob matches no Parquet files")
+        return files
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith(("_", ".")))
+    files = sorted(p for p in path.rglob("*.parquet") if _visible(p))
     if not files:
         raise FileNotFoundError(f"{path}: no .parquet files under this directory")
     return files
+
+
+def _visible(path: Path) -> bool:
+    """Not one of writers' hidden or marker files (`_SUCCESS`, `_metadata`, `.crc`)."""
+    return not path.name.startswith(("_", "."))
+
+
+def _glob_root(pattern: str) -> tuple[Path, str]:
+    """Split `dir/sub/*/x.parquet` into the fixed directory and the relative pattern."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    return root, str(Path(*parts[fixed:]))
 
 
 def read_validated(

@@ -19,19 +19,19 @@ def _ids_of(feature_names: list[str], multi: set[str]) -> list[pl.Expr]:
 
 
 def build_vocabularies(
-    cfg: ExperimentConfig, path: str | Path, before_timestamp: int | None = None
+    cfg: ExperimentConfig, rows: str | Path | pl.LazyFrame
 ) -> dict[str, np.ndarray]:
     """Sorted int64 IDs per table with a vocabulary (full, or decoupled over full), seen at
-    least `min_count` times.
+    least `min_count` times in `rows` (a log path, or the training rows of a split, so that
+    validation rows never leak into the vocabulary).
 
-    Only rows older than `before_timestamp` count, so validation days never leak into the
-    vocabulary. With `num_embeddings` set, the most frequent `num_embeddings - 1` IDs are
-    kept (row 0 is the out-of-vocabulary row).
+    With `num_embeddings` set, the most frequent `num_embeddings - 1` IDs are kept (row 0
+    is the out-of-vocabulary row).
     """
-    files = [str(p) for p in parquet_files(path)]
-    log = pl.scan_parquet(files, hive_partitioning=False)
-    if before_timestamp is not None:
-        log = log.filter(pl.col(cfg.features.timestamp) < before_timestamp)
+    if isinstance(rows, pl.LazyFrame):
+        log = rows
+    else:
+        log = pl.scan_parquet([str(p) for p in parquet_files(rows)], hive_partitioning=False)
     multi = {f.name for f in cfg.features.sparse if f.multi_valued}
     multi |= {s.name for s in cfg.features.sequences}
     out: dict[str, np.ndarray] = {}

@@ -6,7 +6,10 @@ ones, row numbers for hashed and time-position ones) with the field and set
 (`att`, `rep` or `both`) it serves, so that a reader rebuilds the attention and
 representation vectors, item | category | time, from raw IDs. The model is exported over
 plain tensors (`FlatSequenceModel`) with a symbolic batch and history total; the
-two-stage search needs a static bound on history lengths, `max_history`.
+two-stage search needs a static bound on history lengths, `max_history`. A model that reads
+time gaps takes them as its `gaps` input (`time_gaps` in the input spec): the reader derives
+them from the log's timestamps as training does (`recsys.batch.Batch.time_gaps`), and the
+program buckets and embeds them itself.
 """
 
 from __future__ import annotations
@@ -108,13 +111,24 @@ def sequence_program(
         torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int64),
     ]
     batch, n = torch.export.Dim("batch", min=2), torch.export.Dim("total", min=2)
-    shapes: list[Any] = [{0: batch}, {0: n}, {0: batch}, {0: n}, {0: batch + 1}]
+    shapes: dict[str, Any] = {
+        "attention_target": {0: batch},
+        "attention_history": {0: n},
+        "representation_target": {0: batch},
+        "representation_history": {0: n},
+        "offsets": {0: batch + 1},
+    }
     if model.num_dense:
         example.append(torch.zeros(2, model.num_dense))
-        shapes.append({0: batch})
+        shapes["other"] = {0: batch}
+    # gaps by name: exports made before them (positional dense) are still served alike
+    time_gaps = getattr(model.model, "time_gaps", None) is not None
+    named = {"gaps": torch.zeros(total, dtype=torch.int64)} if time_gaps else {}
+    if time_gaps:
+        shapes["gaps"] = {0: n}
     with torch.no_grad():
         program = torch.export.export(
-            FlatSequenceModel(model.model).eval(), tuple(example), dynamic_shapes=tuple(shapes)
+            FlatSequenceModel(model.model).eval(), tuple(example), named, dynamic_shapes=shapes
         )
     spec = {
         "kind": "sequence",
@@ -129,6 +143,7 @@ def sequence_program(
             for f in seq.fields
         ],
         "time_positions": seq.time_positions,
+        "time_gaps": time_gaps,
         "max_history": max_history,
         "dims": seq.dims,
     }

@@ -1,6 +1,6 @@
 """`recsys train`: Ray Data streams the log to Ray Train workers that train a sharded model.
 
-The driver locks the run folder, validates the config and the log, splits by time,
+The driver locks the run folder, validates the config and the logs, splits them (`split.py`),
 builds vocabularies, then starts a `TorchTrainer` (gloo on CPU, NCCL on GPU) whose workers
 run `pipelines.train.worker`. Progress goes to the log (rank 0), to `ray.train.report` and
 to `<run>/metrics.jsonl`; checkpoints go through Ray Train with `torch.distributed.checkpoint`
@@ -25,11 +25,11 @@ from pipelines.build import KEEP_FILE, VOCAB_FILE, run_checkpoint, save_vocabula
 from pipelines.train.curve import CURVE_FILE, plot_learning_curve
 from pipelines.train.meter import METRICS_FILE, progress_bar
 from pipelines.train.run_folder import RunFolder
-from pipelines.train.split import validation_cutoff
+from pipelines.train.split import make_split
 from pipelines.train.worker import train_worker
 from recsys.config import ConfigError, ExperimentConfig
 from recsys.contract import BadRowCounts
-from recsys.logs import parquet_files, read_validated
+from recsys.logs import read_validated
 from tables.vocab import build_vocabularies
 
 
@@ -38,7 +38,7 @@ def run_dir_of(cfg: ExperimentConfig) -> Path:
 
 
 def preflight(cfg: ExperimentConfig) -> BadRowCounts:
-    """Validate every file of the training log before any worker starts.
+    """Validate every file of the training and validation logs before any worker starts.
 
     Under `on_bad_rows: error` the first bad row stops here with its file, column and row;
     under `skip` the counts are returned (the workers drop the same rows).
@@ -46,14 +46,17 @@ def preflight(cfg: ExperimentConfig) -> BadRowCounts:
     if cfg.data.train is None:
         raise ValueError("data.train: no training log given")
     skipped = BadRowCounts()
-    for _ in read_validated(
-        cfg.data.train,
-        cfg.features,
-        batch_size=262_144,
-        on_bad_rows=cfg.data.on_bad_rows,
-        skipped=skipped,
-    ):
-        pass
+    for path in (cfg.data.train, cfg.data.valid):
+        if path is None:
+            continue
+        for _ in read_validated(
+            path,
+            cfg.features,
+            batch_size=262_144,
+            on_bad_rows=cfg.data.on_bad_rows,
+            skipped=skipped,
+        ):
+            pass
     return skipped
 
 
@@ -72,18 +75,6 @@ def start_ray(address: str | None, workers: int) -> None:
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-def _datasets(cfg: ExperimentConfig, cutoff: int | None) -> dict[str, ray.data.Dataset]:
-    files = [str(p) for p in parquet_files(cfg.data.train)]  # type: ignore[arg-type]
-    ts = cfg.features.timestamp
-    log = ray.data.read_parquet(files, columns=cfg.features.column_names(), partitioning=None)
-    if cutoff is None:
-        return {"train": log}
-    return {
-        "train": log.filter(expr=f"{ts} < {cutoff}"),
-        "valid": log.filter(expr=f"{ts} >= {cutoff}"),
-    }
 
 
 def _in_order() -> DataConfig:
@@ -121,9 +112,9 @@ def train(
         )
     with RunFolder(run_dir, cfg, resume) as folder:
         skipped = preflight(cfg)
-        cutoff = validation_cutoff(cfg, cfg.data.train)  # type: ignore[arg-type]
+        split = make_split(cfg)
         if not (run_dir / VOCAB_FILE).exists():
-            vocabularies = build_vocabularies(cfg, cfg.data.train, cutoff)  # type: ignore[arg-type]
+            vocabularies = build_vocabularies(cfg, split.training_rows())
             save_vocabularies(run_dir, vocabularies)
         folder.write_config()
         # Ray Train's snapshot lists every checkpoint it was given, also those the workers
@@ -137,11 +128,11 @@ def train(
                 "config": cfg.model_dump(mode="json"),
                 "run_dir": str(run_dir),
                 "skipped_rows": skipped.total,
-                "has_valid": cutoff is not None,
+                "has_valid": split.valid_files is not None,
             },
             scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            datasets=_datasets(cfg, cutoff),
+            datasets=split.datasets(cfg.features.column_names()),
             dataset_config=_in_order(),
             run_config=RunConfig(
                 name=cfg.name,

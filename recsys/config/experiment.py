@@ -179,12 +179,14 @@ class ExperimentConfig(Strict):
     def _validation_rules(self) -> None:
         """Keys that act on validation need a validation split; GAUC needs its groups."""
         t = self.train
-        if self.data.valid_days == 0:
+        if not self.data.has_validation:
             for key in ("validate_every", "patience", "lr_decay"):
                 if getattr(t, key) is not None:
                     raise ValueError(
                         f"train.{key}: no validation split to act on (data.valid_days is 0)"
                     )
+        if self.data.split == "leave_last" and not self.features.user_id:
+            raise ValueError("data.split: 'leave_last' needs features.user_id to group rows by")
         if t.monitor == "gauc" and not (self.features.user_id and self.eval.gauc):
             raise ValueError(
                 "train.monitor: 'gauc' needs features.user_id and eval.gauc to group rows by"

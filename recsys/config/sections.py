@@ -157,8 +157,21 @@ class SequenceSyntheticConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: str | None = None  # Parquet file or directory (searched recursively)
-    valid_days: Annotated[int, Field(ge=0)] = 1  # newest days of `train` held out for validation
+    """Where the logs are and which rows validate.
+
+    Paths are a Parquet file, a directory (searched recursively) or a glob. Validation reads
+    `valid` when given; otherwise it holds rows of `train` out by `split`: the newest
+    `valid_days` UTC days (days), a seeded `valid_ratio` of rows (random), or each user's
+    newest timestamp (leave_last: users seen at one timestamp only stay in training).
+    """
+
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None  # what `recsys evaluate` scores when not given --data
+    split: Literal["days", "random", "leave_last"] = "days"
+    valid_days: Annotated[int, Field(ge=0)] = 1  # split days; 0: no validation
+    valid_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1  # split random
+    split_seed: int = 0  # split random: which rows; fixed apart from train.seed on purpose
     # error: the first bad row stops the run with its file, column and row;
     # skip: bad rows are dropped and counted per file and per reason.
     on_bad_rows: Literal["error", "skip"] = "error"
@@ -168,6 +181,28 @@ class DataConfig(Strict):
     synthetic: CtrSyntheticConfig | SequenceSyntheticConfig | None = Field(
         default=None, discriminator="family"
     )
+
+    @model_validator(mode="after")
+    def _split_keys_used(self) -> DataConfig:
+        """A split key the chosen split does not read is refused unless at its default (a
+        dumped config, which holds every key, must load again)."""
+        readers = {"valid_days": "days", "valid_ratio": "random", "split_seed": "random"}
+        if self.valid is not None:
+            readers["split"] = "none"
+        for key, split in readers.items():
+            if getattr(self, key) == DataConfig.model_fields[key].default:
+                continue
+            if self.valid is not None:
+                raise ValueError(f"data.{key}: has no effect when data.valid is given")
+            if self.split != split:
+                raise ValueError(
+                    f"data.{key}: only split {split!r} reads it (split is {self.split!r})"
+                )
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.valid is not None or self.split != "days" or self.valid_days > 0
 
 
 class TrainConfig(Strict):

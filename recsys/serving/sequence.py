@@ -1,10 +1,12 @@
 """Serving a sequence model from its export: unpooled lookups in plain torch, then the
 exported program over (attention target, attention history, representation target,
-representation history, offsets[, dense]).
+representation history, offsets[, dense][, gaps= by name]).
 
 Each field (item, category, time position) reads, per set, the table the manifest names;
 vectors are the fields' rows concatenated in manifest order. Time positions are the reverse
 positions in the history (0 for the target), capped at the table's last row, as in training.
+A program exported with `time_gaps` also takes each behaviour's gap to its impression, from
+the log's timestamps, as `gaps`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class SequenceServing:
         self.fields: list[dict[str, Any]] = spec["fields"]
         self.time_positions: int = spec["time_positions"]
         self.num_dense = len(spec["dense"])
+        self.time_gaps: bool = spec.get("time_gaps", False)
         self.tables = tables
         self.program = torch.export.load(root / manifest["dense_program"]).module()
 
@@ -66,5 +69,11 @@ class SequenceServing:
         inputs = [*sets["att"], *sets["rep"], offsets]
         if self.num_dense:
             inputs.append(batch.dense)
+        named: dict[str, torch.Tensor] = {}
+        if self.time_gaps:
+            gaps = batch.time_gaps()
+            if gaps is None:
+                raise ValueError("this export reads time gaps: the log needs sequence_timestamps")
+            named["gaps"] = gaps
         with torch.no_grad():
-            return self.program(*inputs)
+            return self.program(*inputs, **named)

@@ -1,4 +1,6 @@
-"""Stage-1 search against a brute-force reference, and the long-sequence models' contracts."""
+"""Stage-1 search against a brute-force reference, DIN's jagged window against a padded
+reference, time-gap buckets against hand-computed ones, and the long-sequence models'
+contracts."""
 
 from __future__ import annotations
 
@@ -11,16 +13,18 @@ import torch
 from torch import Tensor, nn
 
 from models.search import search_top_k
+from models.segments import segment_mean
 from models.sequence import (
+    DIN,
     EmbeddingSet,
     FieldDims,
     SequenceInputs,
     build_sequence_model,
     dare,
-    segment_mean,
     twin,
     twin_with_projections,
 )
+from models.time_gaps import TIME_GAP_BUCKETS, time_gap_buckets
 from recsys.config import SEQUENCE_MODELS
 from tables.sequence import reverse_positions
 
@@ -174,19 +178,32 @@ def planted_batch(batch: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor
     return targets, history, offsets_of(lengths.tolist()), (share > 0.2).float()
 
 
+def random_gaps(n: int, seed: int) -> Tensor:
+    """[N] gaps in seconds spread over the log2 buckets, a few of them <= 0."""
+    gen = torch.Generator().manual_seed(seed)
+    return (2.0 ** (torch.rand(n, generator=gen) * 32)).long() - 3
+
+
 def inputs_for(
-    model: nn.Module, tables: dict[str, Tables], targets: Tensor, history: Tensor, offsets: Tensor
+    model: nn.Module,
+    tables: dict[str, Tables],
+    targets: Tensor,
+    history: Tensor,
+    offsets: Tensor,
+    gaps: Tensor | None = None,
 ) -> SequenceInputs:
     rep = tables["representation"](targets, history, offsets)
     if not model.decoupled:
-        return SequenceInputs.coupled(rep, offsets)
-    return SequenceInputs(tables["attention"](targets, history, offsets), rep, offsets)
+        return SequenceInputs.coupled(rep, offsets, gaps=gaps)
+    return SequenceInputs(tables["attention"](targets, history, offsets), rep, offsets, gaps=gaps)
 
 
-def make(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Tables]]:
+def make(name: str, seed: int = 0, time_gaps: bool = False) -> tuple[nn.Module, dict[str, Tables]]:
     torch.manual_seed(seed)
     narrow = {"attention_dims": NARROW} if name == "dare" else {}
-    model = build_sequence_model(name, DIMS, top_k=10, din_length=30, max_length=LONGEST, **narrow)
+    model = build_sequence_model(
+        name, DIMS, top_k=10, din_length=30, max_length=LONGEST, time_gaps=time_gaps, **narrow
+    )
     tables = {"representation": Tables(DIMS)}
     if model.decoupled:
         tables["attention"] = Tables(NARROW)
@@ -296,15 +313,145 @@ def test_training_lowers_the_loss(name: str) -> None:
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
 
 
+@pytest.mark.parametrize("time_gaps", [False, True])
 @pytest.mark.parametrize("name", SEQUENCE_MODELS)
-def test_export_round_trip(name: str) -> None:
-    model, tables = make(name)
+def test_export_round_trip(name: str, time_gaps: bool) -> None:
+    model, tables = make(name, time_gaps=time_gaps)
+    if time_gaps:
+        nn.init.normal_(model.time_gaps.table.weight)
     model.eval()
+
+    def batch(size: int, seed: int) -> SequenceInputs:
+        targets, history, offsets, _ = planted_batch(size, seed)
+        gaps = random_gaps(len(history), seed) if time_gaps else None
+        return inputs_for(model, tables, targets, history, offsets, gaps)
+
     with torch.no_grad():
-        example = inputs_for(model, tables, *planted_batch(8, seed=5)[:3])
-        batch, total = torch.export.Dim("batch"), torch.export.Dim("total")
-        per_set = [{0: batch}, {0: total}]  # EmbeddingSet: target, history
-        shapes = [per_set, per_set, {0: batch + 1}]  # SequenceInputs without `other`
+        example = batch(8, seed=5)
+        size, total = torch.export.Dim("batch"), torch.export.Dim("total")
+        per_set = [{0: size}, {0: total}]  # EmbeddingSet: target, history
+        # SequenceInputs' fields that are not None: attention, representation, offsets[, gaps]
+        shapes = [per_set, per_set, {0: size + 1}, *([{0: total}] if time_gaps else [])]
         exported = torch.export.export(model, (example,), dynamic_shapes=(shapes,))
-        fresh = inputs_for(model, tables, *planted_batch(21, seed=6)[:3])
+        fresh = batch(21, seed=6)
         torch.testing.assert_close(exported.module()(fresh), model(fresh))
+
+
+# --------------------------------------------------------------------------- DIN's window
+
+
+def padded_din(model: DIN, inputs: SequenceInputs, gaps: list[int] | None) -> Tensor:
+    """DIN written the padded way, row by row: each user's last `length` behaviours in a
+    [B, length] window, padding masked out of the softmax and the mean."""
+    att, rep, length = inputs.attention, inputs.representation, model.length
+    bounds = inputs.offsets.tolist()
+    batch, width = len(bounds) - 1, att.target.shape[1]
+    keys = att.target.new_zeros(batch, length, width)
+    values = rep.target.new_zeros(batch, length, rep.target.shape[1])
+    valid = torch.zeros(batch, length, dtype=torch.bool)
+    for user in range(batch):
+        kept = list(range(max(bounds[user], bounds[user + 1] - length), bounds[user + 1]))
+        for slot, row in enumerate(kept):
+            key = att.history[row]
+            if gaps is not None:
+                bucket = 0 if gaps[row] <= 0 else min(gaps[row].bit_length(), TIME_GAP_BUCKETS - 1)
+                key = key + model.time_gaps.table.weight[bucket]
+            keys[user, slot], values[user, slot] = key, rep.history[row]
+            valid[user, slot] = True
+    target = att.target.unsqueeze(1).expand_as(keys)
+    scores = model.unit(torch.cat([target, keys, target - keys, target * keys], -1)).squeeze(-1)
+    weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=1)
+    weights = torch.where(valid, weights, 0.0)  # an empty window: NaN rows -> 0
+    interest = (weights.unsqueeze(-1) * values).sum(1)
+    mean = (values * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+    return model.head(rep.target, interest, mean, inputs.other)
+
+
+@pytest.mark.parametrize("time_gaps", [False, True])
+def test_din_window_equals_the_padded_formulation(time_gaps: bool) -> None:
+    """Mixed lengths: empty, shorter than, equal to and longer than the window (whose most
+    recent `length` behaviours, the last ones, are kept); logits and every gradient."""
+    torch.manual_seed(0)
+    model = build_sequence_model("din", DIMS, din_length=30, other_dim=2, time_gaps=time_gaps)
+    if time_gaps:
+        nn.init.normal_(model.time_gaps.table.weight)
+    lengths = [0, 1, 7, 29, 30, 31, 0, 95, 3]
+    offsets = offsets_of(lengths)
+    gen = torch.Generator().manual_seed(1)
+    leaves = [
+        torch.randn(len(lengths), DIMS.total, generator=gen),
+        torch.randn(sum(lengths), DIMS.total, generator=gen),
+        torch.randn(len(lengths), 2, generator=gen),
+    ]
+    gaps = random_gaps(sum(lengths), seed=2) if time_gaps else None
+    results = []
+    for jagged in (True, False):
+        target, history, other = (x.clone().requires_grad_() for x in leaves)
+        inputs = SequenceInputs.coupled(EmbeddingSet(target, history), offsets, other, gaps)
+        model.zero_grad()
+        logits = (
+            model(inputs)
+            if jagged
+            else padded_din(model, inputs, None if gaps is None else gaps.tolist())
+        )
+        (logits * torch.arange(1.0, len(lengths) + 1)).sum().backward()
+        grads = [target.grad, history.grad, other.grad]
+        results.append([logits.detach(), *grads, *(p.grad.clone() for p in model.parameters())])
+    for jagged, padded in zip(*results, strict=True):
+        torch.testing.assert_close(jagged, padded, rtol=1e-5, atol=1e-6)
+    # Behaviours before a user's window get no gradient; those inside do.
+    ends = offsets[1:].tolist()
+    window = [
+        row for end, n in zip(ends, lengths, strict=True) for row in range(end - min(n, 30), end)
+    ]
+    touched = results[0][2].abs().sum(1) > 0
+    assert touched.nonzero().squeeze(1).tolist() == window
+
+
+# --------------------------------------------------------------------------- time gaps
+
+
+def test_time_gap_buckets_are_log2_with_nonpositive_gaps_in_bucket_0() -> None:
+    gaps = [-(2**40), -5, 0, 1, 2, 3, 4, 7, 8, 1023, 1024, 86_400, 2**30 - 1, 2**30, 2**62]
+    expected = [0, 0, 0, 1, 2, 2, 3, 3, 4, 10, 11, 17, 30, 31, 31]
+    assert time_gap_buckets(torch.tensor(gaps)).tolist() == expected
+    assert time_gap_buckets(torch.tensor([5, 6, 100]), buckets=4).tolist() == [3, 3, 3]
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_scores_move_with_the_gaps_alone(name: str) -> None:
+    """Same behaviours, other gaps: other scores; gaps in the same buckets: the same ones."""
+    model, tables = make(name, time_gaps=True)
+    nn.init.normal_(model.time_gaps.table.weight)
+    model.eval()
+    targets, history, offsets, _ = planted_batch(16, seed=8)
+    gaps = random_gaps(len(history), seed=9)
+    same_buckets = torch.where(gaps > 1, gaps + (2 ** time_gap_buckets(gaps) - 1 - gaps) // 2, gaps)
+    assert torch.equal(time_gap_buckets(same_buckets), time_gap_buckets(gaps))
+    with torch.no_grad():
+        scores = [
+            model(inputs_for(model, tables, targets, history, offsets, g))
+            for g in (gaps, same_buckets, gaps.roll(1))
+        ]
+    assert torch.equal(scores[0], scores[1])
+    assert (scores[0] - scores[2]).abs().min() > 0
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_without_timestamps_the_models_are_unchanged(name: str) -> None:
+    """No gaps, no gap parameters; and a fresh gap table (zeros) scores bitwise like none."""
+    plain, tables = make(name)
+    assert not any("time_gaps" in key for key in plain.state_dict())
+    with_gaps, _ = make(name, time_gaps=True)
+    with_gaps.load_state_dict(plain.state_dict(), strict=False)
+    targets, history, offsets, _ = planted_batch(16, seed=10)
+    gaps = random_gaps(len(history), seed=11)
+    for mode in (False, True):  # eval first: training steps the BatchNorm statistics
+        plain.train(mode)
+        with_gaps.train(mode)
+        reference = plain(inputs_for(plain, tables, targets, history, offsets))
+        ignored = plain(inputs_for(plain, tables, targets, history, offsets, gaps))
+        zero = with_gaps(inputs_for(with_gaps, tables, targets, history, offsets, gaps))
+        assert torch.equal(reference, ignored) and torch.equal(reference, zero)
+    with pytest.raises(ValueError, match="gaps"):
+        with_gaps(inputs_for(with_gaps, tables, targets, history, offsets))

@@ -34,6 +34,7 @@ def _config(tmp: Path, *extra: str) -> ExperimentConfig:
         "train.dense_l2=1e-6",
         "train.clip_grad_norm=10",
         "train.sparse_optimizer=adagrad",
+        f"data.test={tmp / 'log' / HELD_OUT_DAY}",  # what evaluate scores by default
         *extra,
     )
 
@@ -58,7 +59,8 @@ def test_training_reports_progress_metrics_and_checkpoints(trained) -> None:
 def test_evaluate_matches_sklearn_on_the_models_predictions(trained) -> None:
     _, tmp, result = trained
     data = tmp / "log" / HELD_OUT_DAY
-    report = evaluate(result["run_dir"], data, workers=2)
+    report = evaluate(result["run_dir"], workers=2)
+    assert report["data"] == str(data)
     probs = trained_probabilities(result["run_dir"], data)
     labels = np.concatenate(
         [t.column("label").to_numpy() for t in read_validated(data, trained[0].features)]

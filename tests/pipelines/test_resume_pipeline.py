@@ -10,7 +10,7 @@ import polars as pl
 import ray
 
 from pipelines.train.driver import train
-from pipelines.train.split import validation_cutoff
+from pipelines.train.split import make_split
 from recsys.synth import generate
 from tests.pipelines.test_collisionless_pipeline import CAPACITY, _config
 
@@ -32,9 +32,7 @@ def test_mid_epoch_resume_on_fewer_workers_skips_all_consumed_examples(
         again = train(one, resume=True)
     finally:
         ray.shutdown()
-    cutoff = validation_cutoff(one, tmp_path / "log")
-    rows = pl.scan_parquet(str(tmp_path / "log" / "**" / "*.parquet"), hive_partitioning=False)
-    train_rows = rows.filter(pl.col("timestamp") < cutoff).select(pl.len()).collect().item()
+    train_rows = make_split(one).training_rows().select(pl.len()).collect().item()
     # 1 worker skips the 2 x STOP batches both workers consumed, then trains the rest
     assert again["metrics"]["step"] == STOP + math.ceil(train_rows / BATCH) - 2 * STOP
     assert again["metrics"]["epoch"] == 1

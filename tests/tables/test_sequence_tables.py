@@ -30,7 +30,9 @@ ITEM_ROWS, POSITIONS = 50, 6
 CATEGORIES = np.arange(0, 140, 7, dtype=np.int64)  # the category vocabulary (20 IDs)
 
 
-def seq_doc(model: str = "twin", decoupled: bool = False) -> dict[str, Any]:
+def seq_doc(
+    model: str = "twin", decoupled: bool = False, timestamps: bool = False
+) -> dict[str, Any]:
     item: dict[str, Any] = {"name": "item", "features": ["item_id"], "embedding_dim": 8}
     category: dict[str, Any] = {"name": "category", "features": ["category_id"]}
     category["embedding_dim"] = 8
@@ -48,6 +50,7 @@ def seq_doc(model: str = "twin", decoupled: bool = False) -> dict[str, Any]:
                 {"name": "hist_item", "target": "item_id"},
                 {"name": "hist_category", "target": "category_id"},
             ],
+            "sequence_timestamps": "hist_ts" if timestamps else None,
         },
         "tables": [item, category],
         "model": {
@@ -58,12 +61,16 @@ def seq_doc(model: str = "twin", decoupled: bool = False) -> dict[str, Any]:
     }
 
 
-def seq_cfg(model: str = "twin", decoupled: bool = False) -> ExperimentConfig:
-    return config_from_dict(seq_doc(model, decoupled))
+def seq_cfg(
+    model: str = "twin", decoupled: bool = False, timestamps: bool = False
+) -> ExperimentConfig:
+    return config_from_dict(seq_doc(model, decoupled, timestamps))
 
 
 def arrow_log(rows: int, seed: int) -> pa.Table:
-    """Impressions with histories of 0..11 behaviours; some IDs outside the vocabulary."""
+    """Impressions with histories of 0..11 behaviours; some IDs outside the vocabulary;
+    behaviour times from seconds to decades before the impression, a few after it (all
+    positive: the contract refuses negative list values)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, 12, rows)
     lengths[0] = 9  # the batch holds behaviours even if the draw says otherwise
@@ -73,17 +80,18 @@ def arrow_log(rows: int, seed: int) -> pa.Table:
     def history(values: np.ndarray) -> pa.Array:
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int64()))
 
-    return pa.table(
-        {
-            "label": rng.integers(0, 2, rows),
-            "timestamp": np.arange(rows, dtype=np.int64),
-            "user_id": rng.integers(0, 5, rows),
-            "item_id": rng.integers(0, 10**6, rows),
-            "category_id": rng.integers(0, 150, rows),
-            "hist_item": history(rng.integers(0, 10**6, total)),
-            "hist_category": history(rng.integers(0, 150, total)),
-        }
-    )
+    columns = {
+        "label": rng.integers(0, 2, rows),
+        "timestamp": 1_700_000_000 + np.arange(rows, dtype=np.int64),
+        "user_id": rng.integers(0, 5, rows),
+        "item_id": rng.integers(0, 10**6, rows),
+        "category_id": rng.integers(0, 150, rows),
+        "hist_item": history(rng.integers(0, 10**6, total)),
+        "hist_category": history(rng.integers(0, 150, total)),
+    }
+    gaps = (2.0 ** rng.uniform(0, 30, total)).astype(np.int64) - 3
+    columns["hist_ts"] = history(np.repeat(columns["timestamp"], lengths) - gaps)
+    return pa.table(columns)
 
 
 def batch_of(cfg: ExperimentConfig, rows: int = 8, seed: int = 0) -> Batch:
@@ -334,15 +342,33 @@ def test_sharded_sequence_model_equals_unsharded(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ export
 
 
-@pytest.mark.parametrize("name", ["din", "dare"])
-def test_export_round_trip_scores_what_the_model_scores(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "timestamps", "dense"),
+    [("din", False, False), ("dare", False, True), ("din", True, True), ("dare", True, False)],
+)
+def test_export_round_trip_scores_what_the_model_scores(
+    name: str, timestamps: bool, dense: bool, tmp_path: Path
+) -> None:
     """Checkpoint -> `recsys export` -> `ServingModel` (torch + pyarrow only) reproduces
-    the trained model's probabilities, unknown IDs and capped time positions included."""
-    cfg = seq_cfg(name, decoupled=name == "dare")
+    the trained model's probabilities, unknown IDs and capped time positions included, and
+    the time gaps of a log with behaviour timestamps."""
+    doc = seq_doc(name, decoupled=name == "dare", timestamps=timestamps)
+    if dense:
+        doc["features"]["dense"] = ["price"]
+    cfg = config_from_dict(doc)
+
+    def log(rows: int, seed: int) -> pa.Table:
+        table = arrow_log(rows, seed)
+        if dense:
+            price = np.random.default_rng(seed).random(rows)
+            table = table.append_column("price", pa.array(price))
+        return table
+
     model = build(cfg)
-    batch = batch_of(cfg, rows=32, seed=9)
+    assert (model.model.time_gaps is not None) == timestamps
+    batch = BatchConverter(cfg.features)(log(32, seed=9))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(3):  # move every table and the BatchNorm statistics off their init
+    for _ in range(3):  # move every table, the gap table and the BatchNorm statistics
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels)
         optimizer.zero_grad()
         loss.backward()
@@ -356,17 +382,33 @@ def test_export_round_trip_scores_what_the_model_scores(name: str, tmp_path: Pat
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     tables = {t["name"]: t for t in manifest["tables"]}
     assert summary["tables"] == len(model.sequence.specs) == len(tables)
+    assert manifest["input"]["time_gaps"] == timestamps
     if name == "dare":
         assert tables["item@att"]["dim"] == 4 and tables["item@rep"]["dim"] == 8
         assert tables["category@att"]["lookup"] == "id"
-    log = tmp_path / "log.parquet"
-    table = arrow_log(40, seed=10)
-    pq.write_table(table, log)
-    served = ServingModel(tmp_path / "export").predict(log).column("prob").to_numpy()
+    path = tmp_path / "log.parquet"
+    table = log(40, seed=10)
+    pq.write_table(table, path)
+    served = ServingModel(tmp_path / "export").predict(path).column("prob").to_numpy()
     model.eval()
     with torch.no_grad():
         expected = torch.sigmoid(model(BatchConverter(cfg.features)(table))).numpy()
     np.testing.assert_allclose(served, expected, atol=1e-6)
+
+
+def test_behaviour_timestamps_reach_the_model_as_gaps() -> None:
+    """With `sequence_timestamps` the model reads impression time - behaviour time; the
+    same config without them builds the model without gap parameters, as before."""
+    table = arrow_log(16, seed=12)
+    with_times, without = seq_cfg("twin", timestamps=True), seq_cfg("twin")
+    batch = BatchConverter(with_times.features)(table)
+    gaps = build(with_times).inputs(batch).gaps
+    rows = table.to_pylist()
+    assert gaps.tolist() == [r["timestamp"] - t for r in rows for t in r["hist_ts"]]
+    model = build(without)
+    assert model.inputs(BatchConverter(without.features)(table)).gaps is None
+    assert not any("time_gaps" in key for key in model.state_dict())
+    assert build(with_times).model.time_gaps.table.weight.shape == (32, 24)
 
 
 def test_dense_and_other_sparse_features_join_the_head() -> None:
