@@ -181,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="experiment YAML, e.g. conf/criteo_synth.yaml")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.workers=2")
 
+    def with_checkpoint(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            help="run directory (its best checkpoint by train.monitor) or one checkpoint_* in it",
+        )
+        p.add_argument(
+            "--newest",
+            action="store_true",
+            help="a run directory's newest checkpoint, not its best",
+        )
+
     p = sub.add_parser("gen-data", help="write a synthetic Parquet log, partitioned by day")
     with_config(p)
     p.add_argument("--rows", type=int, required=True, help="number of impressions")
@@ -310,28 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_optembed)
 
     p = sub.add_parser("evaluate", help="AUC, GAUC, logloss, NE, calibration of a trained run")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run directory (its best checkpoint by train.monitor) or one checkpoint_* in it",
-    )
-    p.add_argument(
-        "--newest", action="store_true", help="a run directory's newest checkpoint, not its best"
-    )
+    with_checkpoint(p)
     p.add_argument("--data", help="held-out Parquet log (default: the run's data.test)")
     p.add_argument("--workers", type=int, default=1, help="parallel scoring actors")
     p.add_argument("--out", help="report directory (default: eval.report_dir or <run>/eval)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="write tables and the dense model for serving")
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run directory (its best checkpoint by train.monitor) or one checkpoint_* in it",
-    )
-    p.add_argument(
-        "--newest", action="store_true", help="a run directory's newest checkpoint, not its best"
-    )
+    with_checkpoint(p)
     p.add_argument("--out", required=True, help="export directory")
     p.add_argument("--dtype", choices=["float32", "float16", "int8"], help="table storage")
     p.add_argument(

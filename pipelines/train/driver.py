@@ -25,7 +25,7 @@ from pipelines.build import KEEP_FILE, VOCAB_FILE, run_checkpoint, save_vocabula
 from pipelines.train.curve import CURVE_FILE, plot_learning_curve
 from pipelines.train.meter import METRICS_FILE, progress_bar
 from pipelines.train.run_folder import RunFolder
-from pipelines.train.split import make_split
+from pipelines.train.split import count_rows, make_split
 from pipelines.train.worker import train_worker
 from recsys.config import ConfigError, ExperimentConfig
 from recsys.contract import BadRowCounts
@@ -129,6 +129,8 @@ def train(
                 "run_dir": str(run_dir),
                 "skipped_rows": skipped.total,
                 "has_valid": split.valid_files is not None,
+                # every row an epoch should read, bad ones included: workers count the rest
+                "train_rows": count_rows(split)[0],
             },
             scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

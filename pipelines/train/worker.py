@@ -102,6 +102,14 @@ def _arrow_batches(
         yield table.num_rows, clean
 
 
+def _unread_rows(pulled: int, train_rows: int, device: torch.device) -> int:
+    """Training rows no worker read in the epoch (a collective call): the rows Ray Data's
+    `streaming_split(equal=True)` drops so that every worker takes as many batches."""
+    read = torch.tensor([pulled], dtype=torch.int64, device=device)
+    dist.all_reduce(read)
+    return train_rows - int(read.item())
+
+
 def _tables_of(model: torch.nn.Module) -> torch.nn.Module:
     """The embedding layer whose collisionless tables report stats: a CTR model's pooled
     one, a sequence model's sequence tables."""
@@ -282,6 +290,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # A due checkpoint is written just before the next step, so that the end of training
     # (which always checkpoints) never writes the same step twice.
     checkpoint_due = False
+    unread: int | None = None  # set at the end of each complete epoch
     resume_epoch = progress["epoch"]
     epochs = range(resume_epoch, t.epochs) if not monitor.should_stop else range(0)
     for epoch in epochs:
@@ -325,6 +334,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if t.max_steps and step >= t.max_steps:
                 break  # mid-epoch: the position stays, so a longer run continues the epoch
         else:
+            unread = _unread_rows(pulled, loop_config["train_rows"], device)
+            if unread and rank == 0:
+                meter.write({"epoch": epoch, "rows_unread": unread})
+                print(
+                    f"epoch {epoch}: {unread:,} of {loop_config['train_rows']:,} training "
+                    f"rows unread (Ray Data's equal split over {world} workers drops them)",
+                    flush=True,
+                )
             progress = position(progress["step"], epoch + 1, 0, 0, world, t.batch_size)
             if valid_shard is not None and monitor.validated_step != progress["step"]:
                 validation(progress["step"])
@@ -348,6 +365,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             }
         )
     final["skipped_rows"] = loop_config["skipped_rows"]
+    final["train_rows"] = loop_config["train_rows"]
+    if unread is not None:
+        final["rows_unread_per_epoch"] = unread
     if collisionless:  # counters since the last log line; sizes as at the end
         final["tables"] = table_report(_tables_of(dmp.module), gloo)
     if rank == 0:

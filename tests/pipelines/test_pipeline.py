@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -43,7 +44,7 @@ trained = module_run(_config, rows=30_000)
 
 
 def test_training_reports_progress_metrics_and_checkpoints(trained) -> None:
-    cfg, _, result = trained
+    cfg, tmp, result = trained
     run = Path(result["run_dir"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if not r.get("final")]
@@ -53,6 +54,11 @@ def test_training_reports_progress_metrics_and_checkpoints(trained) -> None:
     assert 0.5 < final["valid_auc"] < 1.0  # learned something from 20k training rows
     assert {"valid_gauc", "valid_logloss", "valid_calibration", "examples_per_s"} <= final.keys()
     assert Path(result["checkpoint"]).name.startswith("checkpoint_step")
+    # every training row is read, or counted as dropped by Ray Data's equal split
+    days = [d for d in (tmp / "log").iterdir() if d.name != HELD_OUT_DAY]
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for d in days for f in d.glob("*.parquet"))
+    assert final["train_rows"] == rows
+    assert 0 <= final["rows_unread_per_epoch"] < cfg.train.workers
     assert (run / "vocabularies.npz").exists() and (run / "config.yaml").exists()
 
 
