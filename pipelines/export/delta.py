@@ -16,10 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.serving.manifest import ExportError
 from recsys.serving.model import ServedTable
+from recsys.serving.schema import Manifest
 from tables.collisionless.transform import CollisionlessTransform
 
-Previous = tuple[dict[str, Any], dict[str, ServedTable]]  # the base's manifest and tables
+Previous = tuple[Manifest, dict[str, ServedTable]]  # the base's checked manifest and tables
 
 
 def collisionless_rows(
@@ -35,13 +37,18 @@ def collisionless_rows(
         return ids.numpy(), rows.numpy()
     manifest, served = previous
     name = entry["name"]
-    (before,) = [t for t in manifest["tables"] if t["name"] == name]
-    if before["trained_steps"] > transform.steps:
-        raise ValueError(
-            f"table {name!r}: the base export saw {before['trained_steps']} training "
+    before = next((t for t in manifest.tables if t.name == name), None)
+    if before is None or before.trained_steps is None:
+        raise ExportError(
+            f"table {name!r}: the base export has no collisionless table of that name "
+            "to build a delta on; export it in full"
+        )
+    if before.trained_steps > transform.steps:
+        raise ExportError(
+            f"table {name!r}: the base export saw {before.trained_steps} training "
             f"steps, this checkpoint only {transform.steps}"
         )
-    ids, rows = transform.touched_since(before["trained_steps"])
+    ids, rows = transform.touched_since(before.trained_steps)
     gone = np.setdiff1d(served[name].ids.numpy(), transform.live_rows()[0].numpy())
     path = out / "deleted" / f"{name}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,21 @@ The dense architecture is a `torch.export` program with a dynamic batch dimensio
 `since` makes an incremental export on top of an earlier one (Monolith's parameter sync):
 collisionless tables, pooled or sequence, then hold only the rows trained after that
 export plus the IDs that lost their rows since (pipelines.export.delta); the other tables
-and the dense program are written whole.
+and the dense program are written whole. The base is checked as a reader checks it, and
+the delta records its manifest's SHA-256, so it is never applied to another export.
+
+Every export is written into a temporary sibling folder, the SHA-256 of each file into
+its manifest, and renamed into place whole (`staged`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,14 +37,15 @@ from pipelines.export.delta import Previous, collisionless_rows
 from pipelines.export.pruned import compact_tables, uncompacted_bytes
 from pipelines.export.sequence import sequence_program, sequence_tables
 from recsys.serving.format import (
-    DELTA_FORMAT_VERSION,
     DENSE_PROGRAM,
+    DTYPES,
     FORMAT_VERSION,
     HASH,
     MANIFEST,
     ROWS_PER_FILE,
     embedding_table,
 )
+from recsys.serving.manifest import ExportError, read_export, sha256_file
 from recsys.serving.model import load_tables
 from tables.collisionless.transform import CollisionlessTransform
 from tables.multiplexed import VirtualFeatureTransform
@@ -134,6 +143,72 @@ def _pooled_export(
     return tables, program, input_spec
 
 
+def _is_export(folder: Path) -> bool:
+    """Whether `folder` holds an export (of any version): the only non-empty folder an
+    export may replace, so that a mistyped `--out` never deletes a run or a log."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"format_version", "tables"} <= manifest.keys()
+
+
+def _check_target(target: Path) -> None:
+    if target.is_symlink():
+        raise ExportError(f"{target}: a symlink; name the export folder itself")
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"{target}: exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not _is_export(target):
+        raise ExportError(
+            f"{target}: a folder that is neither empty nor an export; an export replaces "
+            "only an earlier export or an empty folder"
+        )
+
+
+def _replace(stage: Path, target: Path) -> None:
+    """Move the complete export at `stage` to `target`, an earlier export there aside
+    first and removed after, so that `target` is at every moment one whole export."""
+    _check_target(target)  # again: it may have changed while the export was written
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.rename(stage, target)
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if old.exists():
+        shutil.rmtree(old)
+    os.rename(target, old)
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old)
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A sibling folder to write an export into (`.<name>.partial-<pid>`), renamed to
+    `target` when the block completes and removed when it raises: a failed export leaves
+    nothing that looks like one, and a reader never sees half of one."""
+    stage = target.parent / f".{target.name}.partial-{os.getpid()}"
+    if stage.exists():  # left by a killed export of an earlier process with this pid
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        _replace(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file written so far, by path relative to the export."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+
+
 def export(
     run: str | Path,
     out: str | Path,
@@ -142,39 +217,53 @@ def export(
     newest: bool = False,
 ) -> dict[str, Any]:
     """Export the run's best checkpoint (its newest with `newest`, or the checkpoint
-    folder `run` names) for serving; `since` makes it a delta over that earlier export."""
-    cfg, model, progress = load_trained(run, newest)
-    dtype = dtype or cfg.export.dtype
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = None
+    folder `run` names) for serving; `since` makes it a delta over that earlier export.
+
+    Written into a temporary sibling folder and renamed to `out` once complete (an earlier
+    export there is replaced), with the SHA-256 of every file in the manifest."""
+    target = Path(os.path.abspath(out))
+    _check_target(target)
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of {DTYPES}")
+    previous = base = None
     if since is not None:
         since = Path(since).resolve()
-        previous = (json.loads((since / MANIFEST).read_text()), load_tables(since))
-    if cfg.model.is_sequence:
-        write = partial(_write_table, out, dtype=dtype)
-        rows_of = partial(collisionless_rows, out=out, previous=previous)
-        tables = sequence_tables(model, write, dtype, rows_of)
-        program, input_spec = sequence_program(cfg, model)
-    else:
-        tables, program, input_spec = _pooled_export(cfg, model, out, dtype, previous)
-    torch.export.save(program, out / DENSE_PROGRAM)
-    manifest = {
-        "format_version": FORMAT_VERSION if since is None else DELTA_FORMAT_VERSION,
-        **({} if since is None else {"base": str(since)}),
-        "features": cfg.features.model_dump(mode="json"),
-        "input": input_spec,
-        "tables": tables,
-        "dense_program": DENSE_PROGRAM,
-        "training": {
-            "experiment": cfg.name,
-            "model": cfg.model.name,
-            "checkpoint": progress["checkpoint"],
-            "step": progress["step"],
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if since == target.resolve():
+            raise ExportError(f"{since}: --since names the export this one would replace")
+        base = read_export(since)  # checked as a reader checks it, before it is built on
+        previous = (base.manifest, load_tables(base))
+    cfg, model, progress = load_trained(run, newest)
+    dtype = dtype or cfg.export.dtype
+    with staged(target) as stage:
+        if cfg.model.is_sequence:
+            write = partial(_write_table, stage, dtype=dtype)
+            rows_of = partial(collisionless_rows, out=stage, previous=previous)
+            tables = sequence_tables(model, write, dtype, rows_of)
+            program, input_spec = sequence_program(cfg, model)
+        else:
+            tables, program, input_spec = _pooled_export(cfg, model, stage, dtype, previous)
+        torch.export.save(program, stage / DENSE_PROGRAM)
+        base_fields = {}
+        if base is not None:
+            base_fields = {"base": str(since), "base_sha256": base.manifest_sha256}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            **base_fields,
+            "features": cfg.features.model_dump(mode="json"),
+            "input": input_spec,
+            "tables": tables,
+            "dense_program": DENSE_PROGRAM,
+            "sha256": _checksums(stage),
+            "training": {
+                "experiment": cfg.name,
+                "model": cfg.model.name,
+                "checkpoint": progress["checkpoint"],
+                "step": progress["step"],
+                "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        }
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        read_export(stage)  # what a reader would refuse is never put in place
     summary = {"out": str(out), "tables": len(tables), "bytes": sum(t["bytes"] for t in tables)}
     if isinstance(getattr(model, "sparse", None), OptEmbedEmbeddings):
         # optembed: the compact tables beside the tables they were cut from

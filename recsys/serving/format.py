@@ -11,10 +11,15 @@ id = (`recsys.hashing.bucket`(raw ID, salt, hash_size) // divisor) mod `num_rows
 A feature's embedding is the concatenation, in manifest table order, of its pooled
 lookups (one per probe), each `dim` wide.
 
-An incremental export (version 3) names the export it updates in `base`; its tables marked
+An incremental export (since version 3) names the export it updates in `base`, with the
+SHA-256 of that export's manifest in `base_sha256` (since version 4); its tables marked
 `delta` hold only the rows trained since that export (upserts) and list in `deleted_files`
 the IDs that lost their rows (evicted or expired): they read the default embedding again.
 Its other tables, and the dense program, are complete.
+
+Version 4 records the SHA-256 of every file in `sha256` (path -> hex digest) and is the
+only version read: older manifests have no checksums, so they are refused with a request
+to re-export. Its schema and the checks a loader runs are in `recsys.serving.manifest`.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-FORMAT_VERSION = 2
-DELTA_FORMAT_VERSION = 3  # incremental exports; full ones stay at FORMAT_VERSION
-READABLE_VERSIONS = (1, 2, 3)  # version 2 adds the "hash" lookup, 3 incremental exports
+# 2 added the "hash" lookup, 3 incremental exports, 4 checksums (full and incremental alike)
+FORMAT_VERSION = 4
+OLD_VERSIONS = (1, 2, 3)  # readable once; refused now with "re-export"
+DTYPES = ("float32", "float16", "int8")  # storage dtypes of the `embedding` column
 HASH = "splitmix64"  # `hash` entries name the function, so that a reader can refuse another
 MANIFEST = "manifest.json"
 DENSE_PROGRAM = "dense.pt2"
@@ -69,3 +75,13 @@ def rows_of(table: pa.Table) -> np.ndarray:
             flat, table.column("scale").to_numpy(), table.column("bias").to_numpy()
         )
     return flat.astype(np.float32)
+
+
+def table_columns(dtype: str, dim: int) -> dict[str, pa.DataType]:
+    """The columns, and their types, of a table file of this dtype and dim: what a reader
+    checks a file against before it reads any row."""
+    value = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8()}[dtype]
+    columns = {"id": pa.int64(), "embedding": pa.list_(value, dim)}
+    if dtype == "int8":
+        columns.update(scale=pa.float32(), bias=pa.float32())
+    return columns

@@ -1,5 +1,9 @@
 """Scoring a Parquet log from an export directory alone (`recsys predict`).
 
+The export is checked before anything is read (`recsys.serving.manifest`: schema, paths
+inside the folder, checksums), and each Parquet file's columns against its entry's dim and
+dtype before its rows are; a broken rule is an `ExportError` naming the file and field.
+
 Needs only torch, pyarrow and this package's contract code: tables come from Parquet,
 the dense model from its `torch.export` program. Lookups are whole-batch tensor ops: one
 `searchsorted` per feature and probe against the table's sorted IDs, one `embedding_bag`
@@ -10,7 +14,6 @@ from the raw IDs with the salts in the manifest and `recsys.hashing`, as trainin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,10 +25,11 @@ import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from recsys.batch import BatchConverter
-from recsys.config import FeaturesConfig
 from recsys.hashing import bucket
 from recsys.logs import read_validated
-from recsys.serving.format import HASH, MANIFEST, READABLE_VERSIONS, rows_of
+from recsys.serving.format import rows_of, table_columns
+from recsys.serving.manifest import Export, ExportError, read_export
+from recsys.serving.schema import SequenceInput, TableEntry
 from recsys.serving.sequence import SequenceServing
 
 
@@ -77,38 +81,87 @@ class ServedTable:
         )
 
 
-def _load_table(root: Path, entry: dict) -> ServedTable:
-    if entry["lookup"] == "hash" and entry.get("hash") != HASH:
-        raise ValueError(f"table {entry['name']!r}: unknown hash {entry.get('hash')!r}")
-    data = pa.concat_tables([pq.read_table(root / f) for f in entry["files"]])
+def _same_type(got: pa.DataType, want: pa.DataType) -> bool:
+    """Type equality that ignores the name Parquet gives a list's item field."""
+    if pa.types.is_fixed_size_list(want):
+        return (
+            pa.types.is_fixed_size_list(got)
+            and got.list_size == want.list_size
+            and got.value_type == want.value_type
+        )
+    return got == want
+
+
+def _read_files(
+    export: Export, files: list[str], columns: dict[str, pa.DataType], field: str
+) -> pa.Table:
+    """The Parquet files a table entry names, each checked against `columns` (names and
+    types, from the entry's dim and dtype) before its rows are read."""
+    parts = []
+    for rel in files:
+        where = f"{export.root}/{rel}"
+        try:
+            parquet = pq.ParquetFile(export.path(rel))
+            schema = parquet.schema_arrow
+        except (pa.ArrowException, OSError) as err:
+            raise ExportError(f"{where}: not a readable Parquet file ({err})") from None
+        if sorted(schema.names) != sorted(columns):
+            raise ExportError(f"{where}: columns {schema.names}, but {field} needs {list(columns)}")
+        for name, want in columns.items():
+            got = schema.field(name).type
+            if not _same_type(got, want):
+                raise ExportError(f"{where}: {name}: {got}, but {field} needs {want}")
+        try:
+            data = parquet.read()
+        except (pa.ArrowException, OSError) as err:
+            raise ExportError(f"{where}: not a readable Parquet file ({err})") from None
+        for name in columns:
+            column = data.column(name)
+            nulls = column.null_count
+            if pa.types.is_fixed_size_list(column.type):
+                nulls += column.combine_chunks().flatten().null_count
+            if nulls:
+                raise ExportError(f"{where}: {name}: {nulls} null cells; {field} serves none")
+        parts.append(data)
+    return pa.concat_tables(parts)
+
+
+def _ids(export: Export, entry: TableEntry, data: pa.Table) -> np.ndarray:
+    """The table's IDs, which a reader finds by binary search: sorted, unique, in range."""
+    ids = np.array(data.column("id").to_numpy(), dtype=np.int64)
+    field = f"tables.{entry.name}.files"
+    if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        raise export.fail(field, "the files' ids are not sorted and unique")
+    if entry.lookup != "id" and len(ids) and (ids[0] < 0 or ids[-1] >= (entry.num_rows or 0)):
+        raise export.fail(field, f"ids outside [0, num_rows {entry.num_rows})")
+    return ids
+
+
+def _load_table(export: Export, entry: TableEntry) -> ServedTable:
+    field = f"tables.{entry.name} (dim {entry.dim}, dtype {entry.dtype})"
+    data = _read_files(export, entry.files, table_columns(entry.dtype, entry.dim), field)
+    if data.num_rows != entry.rows:
+        raise export.fail(
+            f"tables.{entry.name}.rows", f"{entry.rows}, but its files hold {data.num_rows} rows"
+        )
+    ids = _ids(export, entry, data)
     rows = rows_of(data)
-    default = np.asarray(entry.get("default_embedding") or np.zeros(entry["dim"]), np.float32)
+    default = np.zeros(entry.dim, np.float32)
+    if entry.default_embedding is not None:
+        default = np.asarray(entry.default_embedding, np.float32)
     probes = {
-        feature: [(p["salt"], p["hash_size"], p["divisor"]) for p in chunks]
-        for feature, chunks in entry.get("probes", {}).items()
+        feature: [(p.salt, p.hash_size, p.divisor) for p in chunks]
+        for feature, chunks in (entry.probes or {}).items()
     }
     return ServedTable(
-        ids=torch.from_numpy(np.array(data.column("id").to_numpy(), dtype=np.int64)),
+        ids=torch.from_numpy(ids),
         weights=torch.from_numpy(np.vstack([rows, default[None, :]])),
-        lookup=entry["lookup"],
-        num_rows=entry.get("num_rows", len(rows)),
-        pooling=entry["pooling"],
+        lookup=entry.lookup,
+        num_rows=entry.num_rows or len(rows),
+        pooling=entry.pooling,
         probes=probes,
-        input_dim=entry.get("input_dim", entry["dim"]),
+        input_dim=entry.input_dim or entry.dim,
     )
-
-
-def _read_manifest(root: Path) -> dict:
-    manifest_path = root / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{root}: no {MANIFEST}; is this an export directory?")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise ValueError(
-            f"{manifest_path}: format_version {manifest.get('format_version')} "
-            f"is not one of {READABLE_VERSIONS}"
-        )
-    return manifest
 
 
 def _apply_delta(base: ServedTable, upserts: ServedTable, deleted: torch.Tensor) -> ServedTable:
@@ -120,46 +173,85 @@ def _apply_delta(base: ServedTable, upserts: ServedTable, deleted: torch.Tensor)
     return replace(upserts, ids=ids[order], weights=torch.cat([rows[order], upserts.weights[-1:]]))
 
 
-def load_tables(root: Path) -> dict[str, ServedTable]:
-    """Every table of an export by name; an incremental export is applied to its base."""
-    manifest = _read_manifest(root)
-    base = load_tables(Path(manifest["base"])) if "base" in manifest else {}
+def load_tables(source: str | Path | Export) -> dict[str, ServedTable]:
+    """Every table of an export (a folder, or one already read) by name, checked first
+    (`recsys.serving.manifest`); an incremental export is applied to its base."""
+    return _tables(source if isinstance(source, Export) else read_export(source), ())
+
+
+def _base_tables(export: Export, chain: tuple[Path, ...]) -> dict[str, ServedTable]:
+    """The tables of the export a delta was written on (none for a full export), which
+    must still be that export."""
+    base = export.manifest.base
+    if base is None:
+        return {}
+    if Path(base).resolve() in (*chain, export.real_root):
+        raise export.fail("base", f"{base!r} is this export or one it is built on")
+    try:
+        previous = read_export(base)
+    except ExportError as err:
+        raise export.fail("base", str(err)) from None
+    if previous.manifest_sha256 != export.manifest.base_sha256:
+        raise export.fail(
+            "base",
+            f"the export at {base!r} is not the one this delta was written on (its "
+            f"manifest's SHA-256 is {previous.manifest_sha256}, base_sha256 records "
+            f"{export.manifest.base_sha256}); export the delta again with --since",
+        )
+    return _tables(previous, (*chain, export.real_root))
+
+
+def _tables(export: Export, chain: tuple[Path, ...]) -> dict[str, ServedTable]:
+    base = _base_tables(export, chain)
     tables = {}
-    for entry in manifest["tables"]:
-        table = _load_table(root, entry)
-        if entry.get("delta"):
-            if entry["name"] not in base:
-                raise ValueError(f"{root}: delta table {entry['name']!r} is not in its base")
-            files = entry["deleted_files"]
-            deleted = pa.concat_tables([pq.read_table(root / f) for f in files]).column("id")
-            ids = torch.from_numpy(np.array(deleted.to_numpy(), dtype=np.int64))
-            table = _apply_delta(base[entry["name"]], table, ids)
-        tables[entry["name"]] = table
+    for entry in export.manifest.tables:
+        table = _load_table(export, entry)
+        if entry.delta:
+            field = f"tables.{entry.name}"
+            if entry.name not in base:
+                raise export.fail(f"{field}.delta", f"table {entry.name!r} is not in its base")
+            if base[entry.name].weights.shape[1] != table.weights.shape[1]:
+                raise export.fail(f"{field}.dim", f"{entry.dim}, not its base table's dim")
+            files = entry.deleted_files or []
+            deleted = _read_files(export, files, {"id": pa.int64()}, f"{field}.deleted_files")
+            ids = torch.from_numpy(np.array(deleted.column("id").to_numpy(), dtype=np.int64))
+            table = _apply_delta(base[entry.name], table, ids)
+        tables[entry.name] = table
     return tables
+
+
+def _program(export: Export) -> torch.nn.Module:
+    path = export.manifest.dense_program
+    try:
+        return torch.export.load(export.path(path)).module()
+    except Exception as err:  # whatever the file holds, the message names it
+        raise ExportError(
+            f"{export.root}/{path}: not a torch.export program ({type(err).__name__}: {err})"
+        ) from None
 
 
 class ServingModel:
     """An exported model: pooled lookups in plain torch, then the exported dense program."""
 
     def __init__(self, root: str | Path) -> None:
-        root = Path(root)
-        manifest = _read_manifest(root)
+        export = read_export(root)
+        manifest = export.manifest
         self.manifest = manifest
-        self.features = FeaturesConfig.model_validate(manifest["features"])
+        self.features = manifest.features
         self.convert = BatchConverter(self.features)
+        tables = _tables(export, ())
+        program = _program(export)
         self.sequence: SequenceServing | None = None
-        if manifest["input"].get("kind") == "sequence":
-            self.sequence = SequenceServing(root, manifest, load_tables(root))
+        if isinstance(manifest.input, SequenceInput):
+            self.sequence = SequenceServing(manifest.input, tables, program)
             return
-        self.sparse_order: list[str] = manifest["input"]["sparse"]
+        self.sparse_order: list[str] = manifest.input.sparse
         # A feature reads its tables in manifest order (a qr feature reads two).
         self.feature_tables: dict[str, list[ServedTable]] = {}
-        tables = load_tables(root)
-        for entry in manifest["tables"]:
-            table = tables[entry["name"]]
-            for feature in entry["features"]:
-                self.feature_tables.setdefault(feature, []).append(table)
-        self.dense = torch.export.load(root / manifest["dense_program"]).module()
+        for entry in manifest.tables:
+            for feature in entry.features:
+                self.feature_tables.setdefault(feature, []).append(tables[entry.name])
+        self.dense = program
 
     def predict_table(self, data: pa.Table) -> np.ndarray:
         """Click probabilities for the rows of a validated Arrow table."""

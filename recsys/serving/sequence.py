@@ -11,44 +11,46 @@ the log's timestamps, as `gaps`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from recsys.batch import Batch
+from recsys.serving.schema import SequenceField, SequenceInput
 
 ROLES = ("att", "rep")
 
 
 class SequenceServing:
     """The lookups and program of an exported sequence model; `tables` maps table names
-    to loaded tables (`recsys.serving.model.ServedTable`)."""
+    to loaded tables (`recsys.serving.model.ServedTable`), checked against `spec` by
+    `recsys.serving.manifest`."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], tables: dict[str, Any]) -> None:
-        spec = manifest["input"]
-        self.fields: list[dict[str, Any]] = spec["fields"]
-        self.time_positions: int = spec["time_positions"]
-        self.num_dense = len(spec["dense"])
-        self.time_gaps: bool = spec.get("time_gaps", False)
+    def __init__(
+        self, spec: SequenceInput, tables: dict[str, Any], program: torch.nn.Module
+    ) -> None:
+        self.fields: list[SequenceField] = spec.fields
+        self.time_positions = spec.time_positions
+        self.num_dense = len(spec.dense)
+        self.time_gaps = spec.time_gaps
         self.tables = tables
-        self.program = torch.export.load(root / manifest["dense_program"]).module()
+        self.program = program
 
     def _rows(self, table: Any, keys: torch.Tensor) -> torch.Tensor:
         return F.embedding(table.rows(keys), table.weights)
 
-    def _keys(self, table: Any, field: dict[str, Any], raw: torch.Tensor) -> torch.Tensor:
+    def _keys(self, table: Any, field: SequenceField, raw: torch.Tensor) -> torch.Tensor:
         if table.lookup == "position":
             return raw.clamp(max=self.time_positions - 1)
-        (keys,) = table.keys(field["target"], raw)
+        (keys,) = table.keys(field.target, raw)
         return keys
 
     def logits(self, batch: Batch) -> torch.Tensor:
         if batch.sequences is None:
             raise ValueError("a sequence model needs the log's sequence columns")
         targets, histories = batch.sparse.to_dict(), batch.sequences.to_dict()
-        lengths = histories[self.fields[0]["history"]].lengths().long()
+        lengths = histories[self.fields[0].history].lengths().long()
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         total = int(offsets[-1])
         ends = torch.repeat_interleave(offsets[1:], lengths, output_size=total)
@@ -57,12 +59,12 @@ class SequenceServing:
         for role in ROLES:
             target_parts, history_parts = [], []
             for field in self.fields:
-                table = self.tables[field["tables"][role]]
+                table = self.tables[getattr(field.tables, role)]
                 if table.lookup == "position":
                     raw_target, raw_history = torch.zeros_like(lengths), positions
                 else:
-                    raw_target = targets[field["target"]].values()
-                    raw_history = histories[field["history"]].values()
+                    raw_target = targets[field.target].values()
+                    raw_history = histories[field.history].values()
                 target_parts.append(self._rows(table, self._keys(table, field, raw_target)))
                 history_parts.append(self._rows(table, self._keys(table, field, raw_history)))
             sets[role] = [torch.cat(target_parts, 1), torch.cat(history_parts, 1)]

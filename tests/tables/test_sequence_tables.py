@@ -22,6 +22,7 @@ from pipelines.export.writer import export
 from pipelines.train.checkpoint import save_checkpoint
 from recsys.batch import Batch, BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
+from recsys.serving.manifest import ExportError
 from recsys.serving.model import ServingModel
 from tables.sharding import combined_optimizer, shard_model
 from tests.helpers import copy_full_state, gloo_group, spawn_ranks
@@ -394,6 +395,12 @@ def test_export_round_trip_scores_what_the_model_scores(
     with torch.no_grad():
         expected = torch.sigmoid(model(BatchConverter(cfg.features)(table))).numpy()
     np.testing.assert_allclose(served, expected, atol=1e-6)
+    # Without a table one of its fields reads, the export is refused naming the field.
+    missing = manifest["input"]["fields"][0]["tables"]["att"]
+    manifest["tables"] = [t for t in manifest["tables"] if t["name"] != missing]
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"input\.fields\[0\]\.tables\.att: table '.*' is not in"):
+        ServingModel(tmp_path / "export")
 
 
 def test_behaviour_timestamps_reach_the_model_as_gaps() -> None:

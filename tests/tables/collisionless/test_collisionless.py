@@ -28,6 +28,7 @@ from pipelines.export.writer import export
 from pipelines.train.checkpoint import load_checkpoint, save_checkpoint
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, config_from_dict
+from recsys.serving.manifest import ExportError
 from recsys.serving.model import ServingModel, load_tables
 from tables.collisionless.report import table_report
 from tables.collisionless.state import load_id_maps, save_id_maps
@@ -286,7 +287,7 @@ def test_incremental_export_applies_to_its_base(run: Path, tmp_path: Path) -> No
     applied = load_tables(tmp_path / "delta")
     manifest = json.loads((tmp_path / "delta" / "manifest.json").read_text())
     deltas = {e["name"]: e for e in manifest["tables"] if e.get("delta")}
-    assert set(deltas) == {"a", "b"} and manifest["format_version"] == 3
+    assert set(deltas) == {"a", "b"} and manifest["format_version"] == 4
     for name, entry in deltas.items():
         assert torch.equal(applied[name].ids, full[name].ids)
         assert torch.equal(applied[name].weights, full[name].weights)
@@ -299,6 +300,11 @@ def test_incremental_export_applies_to_its_base(run: Path, tmp_path: Path) -> No
     )
     with pytest.raises(ValueError, match="base export saw 6 training steps"):
         export(run / "checkpoint_step00000003", tmp_path / "backwards", since=tmp_path / "full")
+    assert not (tmp_path / "backwards").exists()  # a failed export leaves no folder
+    # The delta records its base's manifest digest: a base exported again is another export.
+    export(run, tmp_path / "base")
+    with pytest.raises(ExportError, match=r"base: .* is not the one this delta was written on"):
+        load_tables(tmp_path / "delta")
 
 
 # ------------------------------------------------------------------------ 1 vs 2 ranks
