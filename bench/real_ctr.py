@@ -217,7 +217,9 @@ def main() -> None:
     parser.add_argument("--sparse-lr", type=float, default=SPARSE_LR)
     parser.add_argument("--no-peer", action="store_true", help="the engine only")
     parser.add_argument("--peer", action="store_true", help="with --quick: run FuxiCTR too")
-    parser.add_argument("--workdir", type=Path, help="default <bench cache>/real_ctr")
+    parser.add_argument(
+        "--workdir", type=Path, help="default <bench cache>/real_ctr (_quick); emptied first"
+    )
     args = parser.parse_args()
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.epochs = args.epochs or (1 if args.quick else EPOCHS)
@@ -228,7 +230,9 @@ def main() -> None:
     with_peer = not args.no_peer and (args.peer or not args.quick)
     seeds = [args.first_seed + i for i in range(args.seeds)]
 
-    workdir = (args.workdir or bench_cache() / "real_ctr").resolve()
+    workdir = (
+        args.workdir or bench_cache() / ("real_ctr_quick" if args.quick else "real_ctr")
+    ).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     began = time.perf_counter()

@@ -122,7 +122,9 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--models", help="comma-separated, of " + ",".join(MODELS))
     parser.add_argument("--epochs", type=int, help=f"most epochs (default {EPOCHS}; quick 1)")
-    parser.add_argument("--workdir", type=Path, help="default <bench cache>/real_sequence")
+    parser.add_argument(
+        "--workdir", type=Path, help="default <bench cache>/real_sequence (_quick); emptied first"
+    )
     args = parser.parse_args()
     seeds_n = args.seeds or (1 if args.quick else 3)
     epochs = args.epochs or (1 if args.quick else EPOCHS)
@@ -131,7 +133,8 @@ def main() -> None:
         parser.error(f"unknown models {unknown}; known: {list(MODELS)}")
     seeds = [args.first_seed + i for i in range(seeds_n)]
 
-    workdir = (args.workdir or bench_cache() / "real_sequence").resolve()
+    default = "real_sequence_quick" if args.quick else "real_sequence"
+    workdir = (args.workdir or bench_cache() / default).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     began = time.perf_counter()
