@@ -28,3 +28,11 @@ def segment_softmax(scores: Tensor, segments: Tensor, count: int) -> Tensor:
     top = top.scatter_reduce(0, segments, scores.detach(), "amax")
     exp = (scores - top[segments]).exp()
     return exp / exp.new_zeros(count).index_add(0, segments, exp)[segments]
+
+
+def gather_rows(values: Tensor, rows: Tensor) -> Tensor:
+    """`values[rows]` for [N, d] jagged values, an index past the last row reading zeros:
+    the slots of short histories, and every slot when the batch holds no behaviour at all
+    (one new user's request), where there is no row to read."""
+    padded = torch.cat([values, values.new_zeros(1, values.shape[1])])
+    return padded[rows.clamp(max=values.shape[0])]

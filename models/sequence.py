@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from models.search import scaled_query, search_top_k
-from models.segments import segment_mean, segment_softmax
+from models.segments import gather_rows, segment_mean, segment_softmax
 from models.time_gaps import TimeGapEmbedding, with_time_gaps
 from recsys.config import SEQUENCE_MODELS
 
@@ -65,8 +65,8 @@ class EmbeddingSet:
 class SequenceInputs:
     """Everything a sequence model reads for a batch of B impressions.
 
-    offsets: [B + 1] int64 starts of each user's history in the history values (a
-    history may be empty, but the batch must hold at least one behaviour); other: optional
+    offsets: [B + 1] int64 starts of each user's history in the history values (any
+    history may be empty, all of them too: one new user's request); other: optional
     [B, other_dim] dense features and pooled embeddings of non-sequence features; gaps:
     optional [N] int64 seconds from each behaviour to its impression, read by a model built
     with time gaps (and ignored by one without).
@@ -215,11 +215,11 @@ class TwoStageModel(nn.Module):
         target = att.target if self.projections is None else self.projections.query(att.target)
         time_dim = self.attention_dims.time
         top = search_top_k(target, keys, offsets, time_dim, self.top_k, self.max_length)
-        rows = (offsets[:-1].unsqueeze(1) + top.indices).clamp(max=keys.shape[0] - 1)
+        rows = offsets[:-1].unsqueeze(1) + top.indices
         query = scaled_query(target, time_dim).unsqueeze(-1)
-        scores = (keys[rows] @ query).squeeze(-1)
+        scores = (gather_rows(keys, rows) @ query).squeeze(-1)
         weights = masked_softmax(scores, top.valid)
-        interest = (weights.unsqueeze(1) @ rep.history[rows]).squeeze(1)
+        interest = (weights.unsqueeze(1) @ gather_rows(rep.history, rows)).squeeze(1)
         mean = segment_mean(rep.history, offsets)
         represented = rep.target
         if self.projections is not None:

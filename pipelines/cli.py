@@ -159,17 +159,25 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
+    from recsys.logs import parquet_files
     from recsys.metrics import evaluate_predictions
     from recsys.serving.model import ServingModel
 
-    scored = ServingModel(args.export).predict(args.data)
+    model = ServingModel(args.export)
+    if args.with_metrics:  # known from the schemas: refused before any row is scored
+        label = model.features.label
+        for file in parquet_files(args.data):
+            if label not in pq.read_schema(file).names:
+                raise ConfigError(f"--with-metrics: {file} has no label column {label!r}")
+    scored = model.predict(args.data)
     probs = scored.column("prob").to_numpy()
     summary: dict = {"rows": len(probs), "mean_prediction": float(probs.mean())}
     if args.out:
         pq.write_table(scored, args.out)
         summary["out"] = args.out
     if args.with_metrics:
-        summary.update(evaluate_predictions(scored.column("label").to_numpy(), probs))
+        groups = scored.column("group").to_numpy() if "group" in scored.column_names else None
+        summary.update(evaluate_predictions(scored.column("label").to_numpy(), probs, groups))
     print(json.dumps(summary, indent=2, default=float))
 
 

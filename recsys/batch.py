@@ -23,9 +23,10 @@ class Batch:
     """One batch of impressions.
 
     dense: [B, D] float32; sparse: raw int64 IDs, one key per sparse feature; labels: [B]
-    float32; timestamps: [B] int64 event times; group: [B] int64 user IDs (GAUC) or None;
-    sequences: history IDs, one key per sequence feature, or None; sequence_timestamps:
-    event times aligned with the histories, or None.
+    float32 (NaN for unlabelled traffic); timestamps: [B] int64 event times (0 for traffic
+    without them, which no served model reads: time gaps make them required); group: [B]
+    int64 user IDs (GAUC) or None; sequences: history IDs, one key per sequence feature, or
+    None; sequence_timestamps: event times aligned with the histories, or None.
     """
 
     dense: torch.Tensor
@@ -157,14 +158,22 @@ class BatchConverter:
             seq_times = jagged_from_columns(
                 [col(f.sequence_timestamps)], [f.sequence_timestamps], rows
             )[f.sequence_timestamps]
+        names = set(data.schema.names)
         group = None
-        if f.user_id:
+        if f.user_id and f.user_id in names:
             group = torch.from_numpy(np.array(col(f.user_id).to_numpy(), dtype=np.int64))
+        # Absent only in traffic that the contract let through (`traffic_optional`).
+        labels = torch.full((rows,), float("nan"))
+        if f.label in names:
+            labels = torch.from_numpy(_numeric(col(f.label), np.float32))
+        timestamps = torch.zeros(rows, dtype=torch.int64)
+        if f.timestamp in names:
+            timestamps = torch.from_numpy(np.array(col(f.timestamp).to_numpy(), dtype=np.int64))
         return Batch(
             dense=torch.from_numpy(dense),
             sparse=sparse,
-            labels=torch.from_numpy(_numeric(col(f.label), np.float32)),
-            timestamps=torch.from_numpy(np.array(col(f.timestamp).to_numpy(), dtype=np.int64)),
+            labels=labels,
+            timestamps=timestamps,
             group=group,
             sequences=sequences,
             sequence_timestamps=seq_times,

@@ -70,9 +70,30 @@ def _expected_types(features: FeaturesConfig) -> dict[str, TypeCheck]:
     return spec
 
 
-def check_schema(schema: pa.Schema, features: FeaturesConfig, source: str) -> None:
-    """Fail on missing columns or wrong types before any row is read."""
-    spec = _expected_types(features)
+def traffic_optional(features: FeaturesConfig) -> frozenset[str]:
+    """The columns live traffic may lack: the label, the user (GAUC only) and the
+    timestamp, unless behaviour timestamps need it to measure time gaps; never a column
+    the model reads (a user ID that is also a sparse feature stays required)."""
+    optional = {features.label, features.user_id}
+    if not features.sequence_timestamps:
+        optional.add(features.timestamp)
+    inputs = {f.name for f in (*features.dense, *features.sparse, *features.sequences)}
+    return frozenset(c for c in optional if c and c not in inputs)
+
+
+def check_schema(
+    schema: pa.Schema,
+    features: FeaturesConfig,
+    source: str,
+    optional: frozenset[str] = frozenset(),
+) -> None:
+    """Fail on missing columns or wrong types before any row is read; `optional` columns
+    may be absent (`traffic_optional`), and are checked when present."""
+    spec = {
+        c: check
+        for c, check in _expected_types(features).items()
+        if c in schema.names or c not in optional
+    }
     missing = [c for c in spec if c not in schema.names]
     if missing:
         raise BadInputError(
@@ -97,21 +118,17 @@ def _row_checks(table: pa.Table, features: FeaturesConfig) -> list[tuple[str, st
     def any_true(mask: pa.ChunkedArray) -> bool:
         return bool(pc.any(mask).as_py())
 
-    label = table.column(features.label)
-    nulls(features.label)
-    lo_hi = pc.min_max(label)
-    if lo_hi["min"].as_py() not in (None, 0, 1, False, True) or lo_hi["max"].as_py() not in (
-        None,
-        0,
-        1,
-        False,
-        True,
-    ):
-        bad = pc.invert(pc.is_in(pc.cast(label, pa.int64()), value_set=pa.array([0, 1])))
-        found.append((features.label, "label outside {0, 1}", pc.fill_null(bad, False)))
-    nulls(features.timestamp)
-    if features.user_id:
-        nulls(features.user_id)
+    if features.label in table.column_names:  # absent only where `optional` allowed it
+        label = table.column(features.label)
+        nulls(features.label)
+        binary = (None, 0, 1, False, True)
+        lo_hi = pc.min_max(label)
+        if lo_hi["min"].as_py() not in binary or lo_hi["max"].as_py() not in binary:
+            bad = pc.invert(pc.is_in(pc.cast(label, pa.int64()), value_set=pa.array([0, 1])))
+            found.append((features.label, "label outside {0, 1}", pc.fill_null(bad, False)))
+    for column in (features.timestamp, features.user_id):
+        if column and column in table.column_names:
+            nulls(column)
     for f in features.dense:
         if f.fill_null is None:
             nulls(f.name)
@@ -174,13 +191,15 @@ def validate_table(
     source: str,
     row_offset: int = 0,
     on_bad_rows: str = "error",
+    optional: frozenset[str] = frozenset(),
 ) -> tuple[pa.Table, BadRowCounts]:
     """Check a table against the contract; return it (minus skipped rows) and what was skipped.
 
     `row_offset` is the index of the table's first row in its file, so errors name the
-    row as a user finds it with `pyarrow.parquet.read_table(file).slice(row, 1)`.
+    row as a user finds it with `pyarrow.parquet.read_table(file).slice(row, 1)`;
+    `optional` columns may be absent (see `check_schema`).
     """
-    check_schema(table.schema, features, source)
+    check_schema(table.schema, features, source, optional)
     problems = _row_checks(table, features)
     counts = BadRowCounts()
     if not problems:

@@ -57,22 +57,27 @@ def read_validated(
     batch_size: int = 65_536,
     on_bad_rows: str = "error",
     skipped: BadRowCounts | None = None,
+    optional: frozenset[str] = frozenset(),
 ) -> Iterator[pa.Table]:
     """Stream a log as validated Arrow tables of at most `batch_size` rows.
 
-    Rows dropped under `on_bad_rows: skip` are added to `skipped`, which the caller reports.
+    Rows dropped under `on_bad_rows: skip` are added to `skipped`, which the caller reports;
+    `optional` columns (`recsys.contract.traffic_optional`) may be absent from the files.
     """
-    columns = features.column_names()
     for file in parquet_files(path):
         parquet = pq.ParquetFile(file)
-        check_schema(parquet.schema_arrow, features, str(file))
+        schema = parquet.schema_arrow
+        check_schema(schema, features, str(file), optional)
+        columns = [c for c in features.column_names() if c in schema.names or c not in optional]
         offset = 0
         for group in range(parquet.num_row_groups):
             # Whole row groups decode faster than `iter_batches`; slices are zero-copy.
             rows = parquet.read_row_group(group, columns=columns)
             for start in range(0, rows.num_rows, batch_size):
                 table = rows.slice(start, batch_size)
-                clean, counts = validate_table(table, features, str(file), offset, on_bad_rows)
+                clean, counts = validate_table(
+                    table, features, str(file), offset, on_bad_rows, optional
+                )
                 offset += table.num_rows
                 if skipped is not None:
                     skipped.merge(counts)

@@ -26,7 +26,7 @@ from tables.transforms import VocabularyLookup
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 ID_BYTES = 8  # int64 ID map entries
 
-Writer = Callable[[Path, str, np.ndarray, np.ndarray, str], list[str]]
+Writer = Callable[[Path, str, np.ndarray, np.ndarray, str], dict[str, Any]]
 
 
 def compact_tables(
@@ -83,7 +83,7 @@ def compact_tables(
                     "full_rows": spec.num_rows,
                     "bytes": int(rows_np.size * DTYPE_BYTES[dtype]),
                     "id_bytes": int(len(ids_np) * ID_BYTES),
-                    "files": write(out, name, ids_np, rows_np, dtype),
+                    **write(out, name, ids_np, rows_np, dtype),
                 }
             )
     return entries

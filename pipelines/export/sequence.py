@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx.experimental._config as fx_config
 
 from models.sequence_ranking import FlatSequenceModel, SequenceRankingModel
 from recsys.config import ExperimentConfig
@@ -74,7 +75,7 @@ def sequence_tables(
             entry["num_rows"] = spec.num_rows
         entry["rows"] = len(ids)
         entry["bytes"] = int(rows.size * {"float32": 4, "float16": 2, "int8": 1}[dtype])
-        entry["files"] = write(spec.name, ids, rows)
+        entry.update(write(spec.name, ids, rows))
         entries.append(entry)
     return entries
 
@@ -92,11 +93,9 @@ def _weights(model: SequenceRankingModel, spec: SequenceTableSpec) -> np.ndarray
 def sequence_program(
     cfg: ExperimentConfig, model: SequenceRankingModel, max_history: int = DEFAULT_MAX_HISTORY
 ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
-    """The model over flat tensors, and the manifest's input spec for it."""
-    if model.pooled is not None:
-        raise NotImplementedError(
-            "export of sequence models with pooled non-sequence features is not supported yet"
-        )
+    """The model over flat tensors, and the manifest's input spec for it: `other` is the
+    dense features, then the other sparse features' pooled embeddings (`sparse`, each
+    `feature_dims` wide), as `SequenceRankingModel.inputs` lays it out."""
     seq = model.sequence
     if hasattr(model.model, "max_length"):
         model.model.max_length = max_history
@@ -110,7 +109,8 @@ def sequence_program(
         torch.zeros(total, rep),
         torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int64),
     ]
-    batch, n = torch.export.Dim("batch", min=2), torch.export.Dim("total", min=2)
+    # Any batch from one row, any number of behaviours from none (a new user's one request).
+    batch, n = torch.export.Dim("batch", min=1), torch.export.Dim("total", min=0)
     shapes: dict[str, Any] = {
         "attention_target": {0: batch},
         "attention_history": {0: n},
@@ -118,21 +118,27 @@ def sequence_program(
         "representation_history": {0: n},
         "offsets": {0: batch + 1},
     }
-    if model.num_dense:
-        example.append(torch.zeros(2, model.num_dense))
+    pooled_names = model.pooled.feature_names if model.pooled is not None else []
+    pooled_dims = model.pooled.feature_dims if model.pooled is not None else []
+    if model.num_dense or pooled_names:
+        example.append(torch.zeros(2, model.num_dense + sum(pooled_dims)))
         shapes["other"] = {0: batch}
     # gaps by name: exports made before them (positional dense) are still served alike
     time_gaps = getattr(model.model, "time_gaps", None) is not None
     named = {"gaps": torch.zeros(total, dtype=torch.int64)} if time_gaps else {}
     if time_gaps:
         shapes["gaps"] = {0: n}
-    with torch.no_grad():
+    # Size-oblivious tracing keeps the program general at one row and at no behaviour:
+    # torch otherwise guards sizes 0 and 1 out, whatever `min` says.
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
         program = torch.export.export(
             FlatSequenceModel(model.model).eval(), tuple(example), named, dynamic_shapes=shapes
         )
     spec = {
         "kind": "sequence",
         "dense": [d.name for d in cfg.features.dense],
+        "sparse": pooled_names,
+        "feature_dims": pooled_dims,
         "fields": [
             {
                 "name": f.name,

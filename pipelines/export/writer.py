@@ -39,26 +39,41 @@ from pipelines.export.sequence import sequence_program, sequence_tables
 from recsys.serving.format import (
     DENSE_PROGRAM,
     DTYPES,
+    FLOAT16_MAX,
     FORMAT_VERSION,
     HASH,
     MANIFEST,
     ROWS_PER_FILE,
     embedding_table,
+    storage_error,
 )
 from recsys.serving.manifest import ExportError, read_export, sha256_file
 from recsys.serving.model import load_tables
 from tables.collisionless.transform import CollisionlessTransform
 from tables.multiplexed import VirtualFeatureTransform
 from tables.optembed.embeddings import OptEmbedEmbeddings
-from tables.pooled import TableSpec
+from tables.pooled import PooledEmbeddings, TableSpec
 from tables.transforms import VocabularyLookup
 
 
-def _table_rows(model: torch.nn.Module, name: str) -> np.ndarray:
-    return model.sparse.ebc.embedding_bags[name].weight.detach().float().numpy()
-
-
-def _write_table(out: Path, name: str, ids: np.ndarray, rows: np.ndarray, dtype: str) -> list[str]:
+def _write_table(
+    out: Path, name: str, ids: np.ndarray, rows: np.ndarray, dtype: str
+) -> dict[str, Any]:
+    """Store a table's rows in `dtype`: its manifest fields `files` and `storage_error`
+    (the largest change storage made to a value). Rows that are not finite, or beyond
+    float16's range in a float16 export (they would read as infinity), are refused."""
+    finite = np.isfinite(rows)
+    if not finite.all():
+        raise ExportError(
+            f"table {name!r}: {int((~finite).sum())} NaN or infinite values in its rows "
+            "(training diverged); nothing was exported"
+        )
+    if dtype == "float16" and rows.size and np.abs(rows).max() > FLOAT16_MAX:
+        beyond = int((np.abs(rows) > FLOAT16_MAX).sum())
+        raise ExportError(
+            f"table {name!r}: {beyond} values beyond float16's range ±{FLOAT16_MAX:g} "
+            f"(largest {np.abs(rows).max():g}); export it as float32 or int8"
+        )
     files = []
     folder = out / "tables" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,7 +82,7 @@ def _write_table(out: Path, name: str, ids: np.ndarray, rows: np.ndarray, dtype:
         stop = start + ROWS_PER_FILE
         pq.write_table(embedding_table(ids[start:stop], rows[start:stop], dtype), path)
         files.append(str(path.relative_to(out)))
-    return files
+    return {"files": files, "storage_error": storage_error(rows, dtype)}
 
 
 def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[str, Any]:
@@ -84,19 +99,16 @@ def _hash_lookup(spec: TableSpec, transform: VirtualFeatureTransform) -> dict[st
     }
 
 
-def _pooled_export(
-    cfg: Any, model: torch.nn.Module, out: Path, dtype: str, previous: Previous | None = None
-) -> tuple[list[dict[str, Any]], torch.export.ExportedProgram, dict[str, Any]]:
-    """Pooled tables, the dense program over (dense, embeddings) and its input spec.
-
-    An optembed model writes its compact tables instead (pipelines.export.pruned);
-    `previous` (the base export's manifest and tables) makes collisionless tables
-    incremental."""
-    compact = isinstance(model.sparse, OptEmbedEmbeddings)
-    tables = compact_tables(model.sparse, out, dtype, _write_table) if compact else []
-    for spec in [] if compact else model.sparse.specs:
-        weights = _table_rows(model, spec.name)
-        transform = model.sparse.transforms[spec.transform]
+def pooled_tables(
+    sparse: PooledEmbeddings, out: Path, dtype: str, previous: Previous | None = None
+) -> list[dict[str, Any]]:
+    """Manifest entries of pooled tables (a CTR model's, or a sequence model's other
+    sparse features), their rows written under `out`; `previous` (the base export's
+    manifest and tables) makes collisionless tables incremental."""
+    tables = []
+    for spec in sparse.specs:
+        weights = sparse.ebc.embedding_bags[spec.name].weight.detach().float().numpy()
+        transform = sparse.transforms[spec.transform]
         entry: dict[str, Any] = {
             "name": spec.name,
             "variant": spec.variant,
@@ -125,9 +137,21 @@ def _pooled_export(
             entry["num_rows"] = spec.num_rows
         entry["rows"] = len(ids)
         entry["bytes"] = int(rows.size * {"float32": 4, "float16": 2, "int8": 1}[dtype])
-        entry["files"] = _write_table(out, spec.name, ids, rows, dtype)
+        entry.update(_write_table(out, spec.name, ids, rows, dtype))
         tables.append(entry)
+    return tables
 
+
+def _pooled_export(
+    cfg: Any, model: torch.nn.Module, out: Path, dtype: str, previous: Previous | None = None
+) -> tuple[list[dict[str, Any]], torch.export.ExportedProgram, dict[str, Any]]:
+    """Pooled tables, the dense program over (dense, embeddings) and its input spec.
+
+    An optembed model writes its compact tables instead (pipelines.export.pruned)."""
+    if isinstance(model.sparse, OptEmbedEmbeddings):
+        tables = compact_tables(model.sparse, out, dtype, _write_table)
+    else:
+        tables = pooled_tables(model.sparse, out, dtype, previous)
     f = cfg.features
     example_dense = torch.zeros(2, len(f.dense))
     example_emb = torch.zeros(2, sum(model.sparse.feature_dims))
@@ -239,6 +263,8 @@ def export(
             write = partial(_write_table, stage, dtype=dtype)
             rows_of = partial(collisionless_rows, out=stage, previous=previous)
             tables = sequence_tables(model, write, dtype, rows_of)
+            if model.pooled is not None:
+                tables += pooled_tables(model.pooled, stage, dtype, previous)
             program, input_spec = sequence_program(cfg, model)
         else:
             tables, program, input_spec = _pooled_export(cfg, model, stage, dtype, previous)
@@ -264,7 +290,12 @@ def export(
         }
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
         read_export(stage)  # what a reader would refuse is never put in place
-    summary = {"out": str(out), "tables": len(tables), "bytes": sum(t["bytes"] for t in tables)}
+    summary = {
+        "out": str(out),
+        "tables": len(tables),
+        "bytes": sum(t["bytes"] for t in tables),
+        "storage_error": {t["name"]: t["storage_error"] for t in tables},
+    }
     if isinstance(getattr(model, "sparse", None), OptEmbedEmbeddings):
         # optembed: the compact tables beside the tables they were cut from
         summary["id_bytes"] = sum(t["id_bytes"] for t in tables)

@@ -46,6 +46,21 @@ def quantize_int8(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return codes.clip(-128, 127).astype(np.int8), scale, low.astype(np.float32)
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def storage_error(rows: np.ndarray, dtype: str) -> float:
+    """The largest absolute change that storing `rows` in `dtype` makes to a value
+    (0 for float32): what serving reads differs from the trained rows by at most this."""
+    if dtype == "float32" or rows.size == 0:
+        return 0.0
+    if dtype == "float16":
+        stored = rows.astype(np.float16).astype(np.float32)
+    else:
+        stored = dequantize_int8(*quantize_int8(rows))
+    return float(np.abs(stored - rows).max())
+
+
 def dequantize_int8(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return (codes.astype(np.float32) + 128.0) * scale[:, None] + bias[:, None]
 

@@ -194,15 +194,13 @@ def _check_rules(export: Export) -> None:
             raise fail(f"{field}.name", f"{t.name!r} names two tables")
         names.add(t.name)
         _check_entry(export, t, field)
-    sequence = isinstance(m.input, SequenceInput)
-    for t in m.tables:
-        if (t.kind == "sequence") != sequence:
-            kind = "sequence" if sequence else "pooled"
-            raise fail(f"tables.{t.name}.kind", f"a table of another kind in a {kind} export")
     if isinstance(m.input, SequenceInput):
         _check_sequence_input(export, m.input)
     else:
-        _check_pooled_input(export, m.input)
+        for t in m.tables:
+            if t.kind == "sequence":
+                raise fail(f"tables.{t.name}.kind", "a sequence table in a pooled export")
+    _check_pooled_input(export, m.input)
     named = [("dense_program", m.dense_program), *_table_files(m)]
     for field, path in named:
         if path not in m.sha256:
@@ -242,8 +240,9 @@ def _check_entry(export: Export, t: TableEntry, field: str) -> None:
         raise fail(f"{field}.deleted_files", "a delta table lists deleted_files, no other does")
 
 
-def _check_pooled_input(export: Export, spec: PooledInput) -> None:
-    """Each input feature's tables add up to the width the dense program reads for it."""
+def _check_pooled_input(export: Export, spec: PooledInput | SequenceInput) -> None:
+    """Each pooled feature's tables (those of no `kind`) add up to the width the program
+    reads for it."""
     fail = export.fail
     if len(spec.feature_dims) != len(spec.sparse):
         raise fail(
@@ -251,6 +250,8 @@ def _check_pooled_input(export: Export, spec: PooledInput) -> None:
         )
     widths = dict.fromkeys(spec.sparse, 0)
     for t in export.manifest.tables:
+        if t.kind == "sequence":
+            continue
         for feature in t.features:
             if feature not in widths:
                 raise fail(f"tables.{t.name}.features", f"{feature!r} is not in input.sparse")
@@ -278,6 +279,8 @@ def _check_sequence_input(export: Export, spec: SequenceInput) -> None:
             name = getattr(field.tables, role)
             if name not in tables:
                 raise fail(f"input.fields[{i}].tables.{role}", f"table {name!r} is not in tables")
+            if tables[name].kind != "sequence":
+                raise fail(f"tables.{name}.kind", "a field's table must be of kind 'sequence'")
             if tables[name].dim != dims[i]:
                 raise fail(
                     f"input.dims.{role}[{i}]",

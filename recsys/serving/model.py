@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from torchrec.sparse.jagged_tensor import JaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.batch import BatchConverter
+from recsys.contract import traffic_optional
 from recsys.hashing import bucket
 from recsys.logs import read_validated
 from recsys.serving.format import rows_of, table_columns
@@ -230,6 +231,28 @@ def _program(export: Export) -> torch.nn.Module:
         ) from None
 
 
+class PooledLookup:
+    """The pooled embeddings of the input's sparse features, in its order, each feature's
+    tables (a qr feature reads two) in manifest order: [batch, sum(feature_dims)]."""
+
+    def __init__(self, export: Export, tables: dict[str, ServedTable]) -> None:
+        self.order: list[str] = export.manifest.input.sparse
+        self.feature_tables: dict[str, list[ServedTable]] = {}
+        for entry in export.manifest.tables:
+            if entry.kind is None:
+                for feature in entry.features:
+                    self.feature_tables.setdefault(feature, []).append(tables[entry.name])
+
+    def __call__(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        per_feature = sparse.to_dict()
+        pooled = [
+            table.pool(name, per_feature[name])
+            for name in self.order
+            for table in self.feature_tables[name]
+        ]
+        return torch.cat(pooled, dim=1)
+
+
 class ServingModel:
     """An exported model: pooled lookups in plain torch, then the exported dense program."""
 
@@ -241,39 +264,34 @@ class ServingModel:
         self.convert = BatchConverter(self.features)
         tables = _tables(export, ())
         program = _program(export)
+        self.pooled = PooledLookup(export, tables)
         self.sequence: SequenceServing | None = None
         if isinstance(manifest.input, SequenceInput):
-            self.sequence = SequenceServing(manifest.input, tables, program)
-            return
-        self.sparse_order: list[str] = manifest.input.sparse
-        # A feature reads its tables in manifest order (a qr feature reads two).
-        self.feature_tables: dict[str, list[ServedTable]] = {}
-        for entry in manifest.tables:
-            for feature in entry.features:
-                self.feature_tables.setdefault(feature, []).append(tables[entry.name])
+            pooled = self.pooled if manifest.input.sparse else None
+            self.sequence = SequenceServing(manifest.input, tables, program, pooled)
         self.dense = program
 
     def predict_table(self, data: pa.Table) -> np.ndarray:
-        """Click probabilities for the rows of a validated Arrow table."""
+        """Click probabilities for the rows of a validated Arrow table (any number of rows
+        from one: the program is in eval mode, BatchNorm reads its running statistics)."""
         batch = self.convert(data)
         if self.sequence is not None:
             return torch.sigmoid(self.sequence.logits(batch)).numpy()
-        per_feature = batch.sparse.to_dict()
-        pooled = [
-            table.pool(name, per_feature[name])
-            for name in self.sparse_order
-            for table in self.feature_tables[name]
-        ]
         with torch.no_grad():
-            logits = self.dense(batch.dense, torch.cat(pooled, dim=1))
+            logits = self.dense(batch.dense, self.pooled(batch.sparse))
         return torch.sigmoid(logits).numpy()
 
     def predict(self, path: str | Path, batch_size: int = 65_536) -> pa.Table:
-        """(prob, label) for every row of a Parquet log, in file order."""
-        parts = [
-            pa.table({"prob": self.predict_table(t), "label": t.column(self.features.label)})
-            for t in read_validated(path, self.features, batch_size)
-        ]
+        """`prob` for every row of a Parquet log, in file order, with `label` and `group`
+        (the user, for GAUC) where the log has those columns: traffic needs only the
+        columns the model reads (`recsys.contract.traffic_optional`)."""
+        f = self.features
+        passed = {"label": f.label, "group": f.user_id}
+        parts = []
+        for t in read_validated(path, f, batch_size, optional=traffic_optional(f)):
+            columns = {"prob": self.predict_table(t)}
+            columns.update({k: t.column(c) for k, c in passed.items() if c in t.column_names})
+            parts.append(pa.table(columns))
         if not parts:
             raise ValueError(f"{path}: no rows to score")
         return pa.concat_tables(parts)

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveInt,
     StringConstraints,
@@ -90,6 +91,7 @@ class TableEntry(_Schema):
     rows: NonNegativeInt
     full_rows: NonNegativeInt | None = None
     bytes: NonNegativeInt
+    storage_error: NonNegativeFloat | None = None  # largest change storage made to a value
     id_bytes: NonNegativeInt | None = None
     files: list[RelPath] = Field(min_length=1)
     trained_steps: NonNegativeInt | None = None  # collisionless: what a delta builds on
@@ -125,6 +127,9 @@ class SequenceField(_Schema):
 class SequenceInput(_Schema):
     kind: Literal["sequence"]
     dense: list[Name]
+    # the other sparse features, pooled by tables of no `kind`, after `dense` in `other`
+    sparse: list[Name] = []
+    feature_dims: list[PositiveInt] = []
     fields: list[SequenceField] = Field(min_length=1)
     time_positions: PositiveInt
     time_gaps: bool = False

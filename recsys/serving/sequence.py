@@ -1,6 +1,7 @@
 """Serving a sequence model from its export: unpooled lookups in plain torch, then the
 exported program over (attention target, attention history, representation target,
-representation history, offsets[, dense][, gaps= by name]).
+representation history, offsets[, other][, gaps= by name]); `other` is the dense features
+then the other sparse features' pooled embeddings (`recsys.serving.model.PooledLookup`).
 
 Each field (item, category, time position) reads, per set, the table the manifest names;
 vectors are the fields' rows concatenated in manifest order. Time positions are the reverse
@@ -11,10 +12,12 @@ the log's timestamps, as `gaps`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.batch import Batch
 from recsys.serving.schema import SequenceField, SequenceInput
@@ -28,7 +31,11 @@ class SequenceServing:
     `recsys.serving.manifest`."""
 
     def __init__(
-        self, spec: SequenceInput, tables: dict[str, Any], program: torch.nn.Module
+        self,
+        spec: SequenceInput,
+        tables: dict[str, Any],
+        program: torch.nn.Module,
+        pooled: Callable[[KeyedJaggedTensor], torch.Tensor] | None = None,
     ) -> None:
         self.fields: list[SequenceField] = spec.fields
         self.time_positions = spec.time_positions
@@ -36,6 +43,7 @@ class SequenceServing:
         self.time_gaps = spec.time_gaps
         self.tables = tables
         self.program = program
+        self.pooled = pooled  # the other sparse features' embeddings, after the dense ones
 
     def _rows(self, table: Any, keys: torch.Tensor) -> torch.Tensor:
         return F.embedding(table.rows(keys), table.weights)
@@ -69,8 +77,11 @@ class SequenceServing:
                 history_parts.append(self._rows(table, self._keys(table, field, raw_history)))
             sets[role] = [torch.cat(target_parts, 1), torch.cat(history_parts, 1)]
         inputs = [*sets["att"], *sets["rep"], offsets]
-        if self.num_dense:
-            inputs.append(batch.dense)
+        other = [batch.dense] if self.num_dense else []
+        if self.pooled is not None:
+            other.append(self.pooled(batch.sparse))
+        if other:
+            inputs.append(torch.cat(other, dim=1))
         named: dict[str, torch.Tensor] = {}
         if self.time_gaps:
             gaps = batch.time_gaps()
