@@ -1,4 +1,5 @@
-"""Small helpers shared by tests that start process groups or score trained runs."""
+"""Small helpers shared by tests that start process groups, score trained runs or read
+converted logs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -91,3 +94,14 @@ def trained_probabilities(run: str | Path, data: Path) -> np.ndarray:
             torch.sigmoid(model(convert(t))).numpy() for t in read_validated(data, cfg.features)
         ]
     return np.concatenate(parts)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """`text` written to `path`, for a converter's input; the path."""
+    path.write_text(text)
+    return path
+
+
+def read_log(out: Path) -> pa.Table:
+    """All Parquet files of a converted log, in day and part order, as they were written."""
+    return pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("day=*/*.parquet")))
