@@ -43,9 +43,9 @@ import numpy as np
 import pyarrow as pa
 
 from recsys.contract import BadInputError
-from recsys.convert.criteo import TextFile, timestamps
+from recsys.convert.criteo import TextFile, is_gzip, timestamps
 from recsys.convert.csv_spec import id_list_array
-from recsys.convert.delimited import DayPartitionedLog, gathered, is_gzip
+from recsys.convert.day_log import DayPartitionedLog, gathered
 from recsys.convert.libsvm_reader import (
     BadLine,
     Tokens,

@@ -10,12 +10,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
 from recsys.config import load_config
-from recsys.convert.criteo import DAY0, DENSE, SCHEMA, SPARSE, DayWriter, convert_criteo
+from recsys.convert.criteo import DAY0, DENSE, SCHEMA, SPARSE, convert_criteo
+from recsys.convert.day_log import DayPartitionedLog
 from recsys.logs import read_validated
 from tests.helpers import read_log
 
@@ -137,21 +139,23 @@ def test_one_day_spreads_rows_over_the_day(tmp_path: Path) -> None:
     assert ts[0] == DAY0 and ts[-1] == DAY0 + 199 * 86_400 // 200
 
 
-def test_writer_rolls_files_within_a_day(tmp_path: Path) -> None:
+def test_day_log_rolls_files_within_a_day(tmp_path: Path) -> None:
     convert_criteo(TSV, tmp_path / "src")
     table = read_log(tmp_path / "src")
-    writer = DayWriter(tmp_path / "out", rows_per_file=70)
-    writer.write(table, day=0)
-    writer.write(table.slice(0, 10), day=1)
-    writer.close()
-    names = [f.relative_to(tmp_path / "out").as_posix() for f in writer.files]
-    assert names == [
+    at = table.schema.get_field_index("timestamp")
+    next_day = table.set_column(at, "timestamp", pc.add(table.column(at), 86_400))
+    with DayPartitionedLog(tmp_path / "out", SCHEMA, rows_per_file=70) as log:
+        log.write(table)
+        log.write(next_day.slice(0, 10))
+        log.commit({})
+    files = sorted((tmp_path / "out").glob("day=*/*.parquet"))
+    assert [f.relative_to(tmp_path / "out").as_posix() for f in files] == [
         "day=2026-01-01/part-00000.parquet",
         "day=2026-01-01/part-00001.parquet",
         "day=2026-01-01/part-00002.parquet",
         "day=2026-01-02/part-00000.parquet",
     ]
-    assert [pq.read_metadata(f).num_rows for f in writer.files] == [70, 70, 60, 10]
+    assert [pq.read_metadata(f).num_rows for f in files] == [70, 70, 60, 10]
     assert read_log(tmp_path / "out").slice(0, 200).equals(table)
 
 
