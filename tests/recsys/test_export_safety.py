@@ -17,17 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
-from pipelines.build import build_model, save_vocabularies
 from pipelines.export.writer import export
-from pipelines.train.checkpoint import save_checkpoint
 from recsys.config import config_from_dict
 from recsys.serving.format import embedding_table, rows_of
 from recsys.serving.manifest import ExportError, sha256_file
 from recsys.serving.model import ServingModel, load_tables
-from tables.vocab import build_vocabularies
-from tests.helpers import trained_probabilities
+from tests.helpers import hand_written_run, trained_probabilities
 from tests.small_log import small_features, small_table
 
 DIM = 4
@@ -61,12 +57,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     log = root / "log.parquet"
     pq.write_table(small_table(200, 1), log)
     run = root / "run"
-    run.mkdir()
-    vocab = build_vocabularies(cfg, log)
-    save_vocabularies(run, vocab)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    model = build_model(cfg, vocab)
-    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 3})
+    hand_written_run(cfg, log, run)
     export(run, root / "export")
     return run, log, root / "export"
 
