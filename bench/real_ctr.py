@@ -41,10 +41,10 @@ only unless `--peer` (a smoke run of the plumbing; its goals mean nothing).
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,13 @@ from real_logs import (
     EngineRun,
     TimeSplit,
     TreeMemory,
-    bench_cache,
+    all_runs_line,
+    engine_runs,
+    fresh_split,
     load_avg,
-    movielens_log,
-    run_engine,
+    run_line,
     spread,
     table,
-    time_split,
 )
 
 from recsys.config import ExperimentConfig
@@ -230,17 +230,8 @@ def main() -> None:
     with_peer = not args.no_peer and (args.peer or not args.quick)
     seeds = [args.first_seed + i for i in range(args.seeds)]
 
-    workdir = (
-        args.workdir or bench_cache() / ("real_ctr_quick" if args.quick else "real_ctr")
-    ).resolve()
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
     began = time.perf_counter()
-    split = time_split(
-        movielens_log("ctr"), workdir / "split", max_rows=QUICK_ROWS if args.quick else None
-    )
-    print(f"MovieLens-100K CTR log, time split by UTC day (files in {workdir / 'split'}):")
-    print("\n".join(split.describe()))
+    workdir, split = fresh_split("ctr", "CTR", args.workdir, args.quick, QUICK_ROWS)
     print(f"embedding dim {EMBEDDING_DIM} for both systems; the engine refuses the recipe's 10:")
     probe = engine_config(models[0], seeds[0], split, workdir / "runs", args)
     print(f"  {dim10_refusal(probe)}")
@@ -252,37 +243,33 @@ def main() -> None:
 
     engine: dict[str, list[EngineRun]] = {m: [] for m in models}
     fuxi: dict[str, list[dict[str, Any]]] = {m: [] for m in models}
-    for model in models:
-        for seed in seeds:
-            cfg = engine_config(model, seed, split, workdir / "runs", args)
-            run = run_engine(cfg, workdir, split.files["test"])
-            engine[model].append(run)
-            print(
-                f"{model} seed {seed} engine: test AUC {run.report['auc']:.4f} logloss "
-                f"{run.report['logloss']:.4f}, {run.epochs} epochs (best step "
-                f"{run.result['metrics'].get('best_step')}), {run.wall_s:.0f} s "
-                f"(train {run.train_s:.0f} + evaluate {run.eval_s:.0f}), "
-                f"PSS {run.peak_pss_mib:.0f} MiB; load {load_avg()}",
-                flush=True,
+    cases = [(model, seed) for model in models for seed in seeds]
+    configure = partial(engine_config, split=split, run_dir=workdir / "runs", args=args)
+    for model, seed, run in engine_runs(cases, configure, workdir, split.files["test"]):
+        engine[model].append(run)
+        print(
+            f"{model} seed {seed} engine: {run_line(run, ('auc', 'logloss'))}, "
+            f"PSS {run.peak_pss_mib:.0f} MiB; load {load_avg()}",
+            flush=True,
+        )
+        if not with_peer:
+            continue
+        with TreeMemory() as memory:
+            res = peers.run_fuxictr(
+                fuxictr_job(model, seed, split, args.epochs),
+                workdir / f"fuxictr_{model}_seed{seed}",
             )
-            if not with_peer:
-                continue
-            with TreeMemory() as memory:
-                res = peers.run_fuxictr(
-                    fuxictr_job(model, seed, split, args.epochs),
-                    workdir / f"fuxictr_{model}_seed{seed}",
-                )
-            res["tree_pss_mib"], res["tree_rss_mib"] = memory.peak_pss_mib, memory.peak_rss_mib
-            fuxi[model].append(res)
-            print(
-                f"{model} seed {seed} FuxiCTR: test AUC {res['test_auc']:.4f} logloss "
-                f"{res['test_logloss']:.4f}, {res['epochs_run']} epochs (best "
-                f"{res['best_epoch']}), {res['script_s']:.0f} s, PSS "
-                f"{memory.peak_pss_mib:.0f} MiB; load {load_avg()}",
-                flush=True,
-            )
+        res["tree_pss_mib"], res["tree_rss_mib"] = memory.peak_pss_mib, memory.peak_rss_mib
+        fuxi[model].append(res)
+        print(
+            f"{model} seed {seed} FuxiCTR: test AUC {res['test_auc']:.4f} logloss "
+            f"{res['test_logloss']:.4f}, {res['epochs_run']} epochs (best "
+            f"{res['best_epoch']}), {res['script_s']:.0f} s, PSS "
+            f"{memory.peak_pss_mib:.0f} MiB; load {load_avg()}",
+            flush=True,
+        )
 
-    print(f"\nall runs: {time.perf_counter() - began:.0f} s; load average {load_avg()}")
+    print(all_runs_line(began))
     goals: dict[str, dict[str, bool]] = {}
     gaps: dict[str, float] = {}
     extra: list[str] = []

@@ -1,8 +1,8 @@
 """Helpers of the benchmarks on real logs (bench/real_ctr.py, bench/real_sequence.py): the
 MovieLens-100K log from `recsys convert movielens`, one fixed time split into three Parquet
 files, the engine run as users run it (`recsys train`, then `recsys evaluate`, each a
-subprocess whose output goes to a log file), the peak memory of a process tree, and
-mean / spread over seeds.
+subprocess whose output goes to a log file), the peak memory of a process tree, the
+loop over models and seeds with its one console line a run, and mean / spread over seeds.
 
 Memory: a thread polls every process below this one (the engine's driver, its Ray
 head processes and workers; or the FuxiCTR peer and its Ray) and keeps the peak of the
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -243,6 +245,51 @@ def run_engine(config: dict[str, Any], workdir: Path, test: Path) -> EngineRun:
         peak_rss_mib=memory.peak_rss_mib,
         peak_pss_mib=memory.peak_pss_mib,
     )
+
+
+def fresh_split(
+    kind: str, title: str, workdir: Path | None, quick: bool, quick_rows: int
+) -> tuple[Path, TimeSplit]:
+    """The bench's workdir (default `<cache>/real_<kind>`, `_quick` with `quick`), emptied,
+    and the time split of the MovieLens `kind` log in it (the newest `quick_rows` rows with
+    `quick`), described on the console."""
+    default = f"real_{kind}_quick" if quick else f"real_{kind}"
+    workdir = (workdir or bench_cache() / default).resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    split = time_split(
+        movielens_log(kind), workdir / "split", max_rows=quick_rows if quick else None
+    )
+    print(f"MovieLens-100K {title} log, time split by UTC day (files in {workdir / 'split'}):")
+    print("\n".join(split.describe()))
+    return workdir, split
+
+
+def engine_runs(
+    cases: Iterable[tuple[str, int]],
+    configure: Callable[[str, int], dict[str, Any]],
+    workdir: Path,
+    test: Path,
+) -> Iterator[tuple[str, int, EngineRun]]:
+    """(model, seed, its run) for each case in order, one engine run after the other."""
+    for model, seed in cases:
+        yield model, seed, run_engine(configure(model, seed), workdir, test)
+
+
+_METRIC_NAMES = {"auc": "AUC", "gauc": "GAUC", "logloss": "logloss"}
+
+
+def run_line(run: EngineRun, metrics: Iterable[str]) -> str:
+    """`test AUC a [GAUC g] logloss l, E epochs (best step s), W s (train t + evaluate e)`."""
+    scores = " ".join(f"{_METRIC_NAMES[k]} {run.report[k]:.4f}" for k in metrics)
+    return (
+        f"test {scores}, {run.epochs} epochs (best step {run.result['metrics'].get('best_step')}),"
+        f" {run.wall_s:.0f} s (train {run.train_s:.0f} + evaluate {run.eval_s:.0f})"
+    )
+
+
+def all_runs_line(began: float) -> str:
+    return f"\nall runs: {time.perf_counter() - began:.0f} s; load average {load_avg()}"
 
 
 def spread(values: list[float], digits: int = 4, bounds: bool = True) -> str:

@@ -41,9 +41,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,13 @@ from real_logs import (
     REPO,
     EngineRun,
     TimeSplit,
-    bench_cache,
+    all_runs_line,
+    engine_runs,
+    fresh_split,
     load_avg,
-    movielens_log,
-    run_engine,
+    run_line,
     spread,
     table,
-    time_split,
 )
 
 CONF = REPO / "conf" / "movielens_sequence.yaml"
@@ -133,42 +133,28 @@ def main() -> None:
         parser.error(f"unknown models {unknown}; known: {list(MODELS)}")
     seeds = [args.first_seed + i for i in range(seeds_n)]
 
-    default = "real_sequence_quick" if args.quick else "real_sequence"
-    workdir = (args.workdir or bench_cache() / default).resolve()
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
     began = time.perf_counter()
-    split = time_split(
-        movielens_log("sequence"),
-        workdir / "split",
-        max_rows=QUICK_ROWS if args.quick else None,
-    )
-    print(f"MovieLens-100K sequence log, time split by UTC day (files in {workdir / 'split'}):")
-    print("\n".join(split.describe()))
+    workdir, split = fresh_split("sequence", "sequence", args.workdir, args.quick, QUICK_ROWS)
     print(
         f"up to {epochs} epochs, patience {TRAINING['patience']} on valid AUC; seeds {seeds}; "
         f"models {models}; logs and runs under {workdir}; load average {load_avg()}"
     )
 
     runs: dict[str, list[EngineRun]] = {m: [] for m in models}
-    for seed in seeds:  # models alternate within a seed, so that load hits each alike
-        for model in models:
-            cfg = engine_config(model, seed, split, workdir / "runs", epochs)
-            run = run_engine(cfg, workdir, split.files["test"])
-            runs[model].append(run)
-            print(
-                f"{model} seed {seed}: test AUC {run.report['auc']:.4f} GAUC "
-                f"{run.report['gauc']:.4f} logloss {run.report['logloss']:.4f}, "
-                f"{run.epochs} epochs (best step {run.result['metrics'].get('best_step')}), "
-                f"{run.wall_s:.0f} s (train {run.train_s:.0f} + evaluate {run.eval_s:.0f}); "
-                f"load {load_avg()}",
-                flush=True,
-            )
+    # Models alternate within a seed, so that load hits each alike.
+    cases = [(model, seed) for seed in seeds for model in models]
+    configure = partial(engine_config, split=split, run_dir=workdir / "runs", epochs=epochs)
+    for model, seed, run in engine_runs(cases, configure, workdir, split.files["test"]):
+        runs[model].append(run)
+        print(
+            f"{model} seed {seed}: {run_line(run, ('auc', 'gauc', 'logloss'))}; load {load_avg()}",
+            flush=True,
+        )
 
     def mean(model: str, key: str) -> float:
         return statistics.fmean(r.report[key] for r in runs[model])
 
-    print(f"\nall runs: {time.perf_counter() - began:.0f} s; load average {load_avg()}")
+    print(all_runs_line(began))
     print(f"test split, {len(seeds)} seeds: mean ± std [min, max]")
     rows = [
         [

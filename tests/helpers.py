@@ -1,4 +1,5 @@
-"""Small helpers shared by tests that start process groups or score trained runs."""
+"""Small helpers shared by tests that start process groups, write runs by hand and score
+them, or read converted logs."""
 
 from __future__ import annotations
 
@@ -12,14 +13,20 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from pipelines.build import load_trained
+from pipelines.build import build_model, load_trained, save_vocabularies
+from pipelines.train.checkpoint import save_checkpoint
 from recsys.batch import BatchConverter
+from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
+from tables.vocab import build_vocabularies
 
 
 def free_port() -> int:
@@ -82,6 +89,17 @@ def copy_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> No
                 shard.tensor.copy_(full[key][r0 : r0 + nr, c0 : c0 + nc])
 
 
+def hand_written_run(cfg: ExperimentConfig, log: Path, run: Path) -> None:
+    """A run folder as training leaves one, written without Ray: `log`'s vocabularies, the
+    config and a checkpoint (step 3) of a freshly built, untrained model."""
+    run.mkdir()
+    vocab = build_vocabularies(cfg, log)
+    save_vocabularies(run, vocab)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    model = build_model(cfg, vocab)
+    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 3})
+
+
 def trained_probabilities(run: str | Path, data: Path) -> np.ndarray:
     """Click probabilities of a run's newest checkpoint, unsharded, on every row of `data`."""
     cfg, model, _ = load_trained(run)
@@ -91,3 +109,14 @@ def trained_probabilities(run: str | Path, data: Path) -> np.ndarray:
             torch.sigmoid(model(convert(t))).numpy() for t in read_validated(data, cfg.features)
         ]
     return np.concatenate(parts)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """`text` written to `path`, for a converter's input; the path."""
+    path.write_text(text)
+    return path
+
+
+def read_log(out: Path) -> pa.Table:
+    """All Parquet files of a converted log, in day and part order, as they were written."""
+    return pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("day=*/*.parquet")))

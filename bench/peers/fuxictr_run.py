@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fuxictr_dlrm import column_numeric_inputs  # beside this file: run as a script
+
 SCRIPT_START = time.perf_counter()
 
 DEFAULT_ZOO = Path(__file__).resolve().parents[3] / "shared" / "peers" / "fuxictr" / "model_zoo"
@@ -221,27 +223,6 @@ def model_params(model: str, params: dict[str, Any]) -> dict[str, Any]:
         if isinstance(merged.get(key), int):
             merged[key] = float(merged[key])
     return merged
-
-
-def column_numeric_inputs(model: Any) -> list[str]:
-    """Give numeric inputs shape (batch, 1) for models that concatenate them raw.
-
-    FuxiCTR's loaders yield a scalar column as shape (batch,); FeatureEmbedding reshapes
-    it, but the zoo's DLRM concatenates the raw tensors on the last axis, so its bottom MLP
-    gets (1, batch) and fails on any log with a numeric feature (BARS' DLRM runs had none).
-    """
-    numeric = [k for k, v in model.feature_map.features.items() if v["type"] == "numeric"]
-    get_inputs = model.get_inputs
-
-    def patched(inputs: dict[str, Any], feature_source: Any = None) -> dict[str, Any]:
-        x = get_inputs(inputs, feature_source)
-        for k in numeric:
-            if k in x and x[k].dim() == 1:
-                x[k] = x[k].unsqueeze(-1)
-        return x
-
-    model.get_inputs = patched
-    return numeric
 
 
 def iterators(loaders: Any) -> Any:

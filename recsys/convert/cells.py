@@ -1,17 +1,20 @@
-"""Cell converters of the Criteo text columns: one text column in, its contract column out.
+"""Cell converters of the text columns: one text column in, its contract column out.
 
 Each converter raises ValueError (pyarrow's ArrowInvalid is one) if any present cell is
 bad, without saying which; `first_bad_cell` then finds it by halving, so the common case
-(a clean block) pays for one vectorized conversion only.
+(a clean block) pays for one vectorized conversion only, and `convert_columns` names the
+earliest bad cell of a block by file, line and column.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from recsys.contract import BadInputError
 
 HEX_DIGITS = 8
 
@@ -81,3 +84,30 @@ def first_bad_cell(text: pa.Array, convert: Callable[[pa.Array], pa.Array]) -> i
         else:
             lo = mid
     return lo
+
+
+Converter = Callable[[pa.Array], pa.Array]
+
+
+def convert_columns(
+    text: Mapping[str, pa.Array],
+    converters: Mapping[str, tuple[Converter, str]],
+    where: Callable[[int], str],
+) -> dict[str, pa.Array]:
+    """Convert each text column; on bad cells raise BadInputError at the earliest one (row,
+    then column order) as `<where(row)>, column 'c': <problem>, got <value>`."""
+    columns: dict[str, pa.Array] = {}
+    bad: list[tuple[int, int, str]] = []
+    for position, (name, (convert, _)) in enumerate(converters.items()):
+        cells = text[name]
+        cells = cells.combine_chunks() if isinstance(cells, pa.ChunkedArray) else cells
+        try:
+            columns[name] = convert(cells)
+        except ValueError:  # pyarrow's ArrowInvalid is one
+            bad.append((first_bad_cell(cells, convert), position, name))
+    if bad:
+        row, _, name = min(bad)
+        value = text[name][row].as_py()
+        shown = "missing" if value is None else repr(value)
+        raise BadInputError(f"{where(row)}, column {name!r}: {converters[name][1]}, got {shown}")
+    return columns

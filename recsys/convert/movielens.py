@@ -49,8 +49,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from recsys.contract import BadInputError
+from recsys.convert.cells import convert_columns
 from recsys.convert.csv_spec import encode_id_lists, encode_ids, id_list_array, string_id
-from recsys.convert.delimited import DayPartitionedLog, convert_columns, convert_timestamp
+from recsys.convert.day_log import DayPartitionedLog
+from recsys.convert.delimited import convert_timestamp
 
 RECBOLE = "recbole==1.2.1"
 WHEEL = "recbole-1.2.1-py3-none-any.whl"

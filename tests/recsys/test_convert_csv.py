@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
@@ -26,6 +25,7 @@ from recsys.convert.csv_spec import (
 )
 from recsys.convert.delimited import convert_csv
 from recsys.logs import read_validated
+from tests.helpers import read_log, write_text
 
 DAY = 1_767_225_600  # 2026-01-01 00:00:00 UTC
 
@@ -49,24 +49,15 @@ columns:
 """
 
 
-def _read(out: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("day=*/*.parquet")))
-
-
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
 def test_spec_round_trip_by_utc_day(tmp_path: Path) -> None:
-    spec = load_spec(_write(tmp_path / "spec.yaml", SPEC))
-    summary = convert_csv(_write(tmp_path / "log.csv", CSV), tmp_path / "out", spec)
+    spec = load_spec(write_text(tmp_path / "spec.yaml", SPEC))
+    summary = convert_csv(write_text(tmp_path / "log.csv", CSV), tmp_path / "out", spec)
     assert sorted(p.name for p in (tmp_path / "out").glob("day=*")) == [
         "day=2026-01-01",
         "day=2026-01-02",
     ]
     assert summary["day_rows"] == {"2026-01-01": 2, "2026-01-02": 2}
-    table = _read(tmp_path / "out")
+    table = read_log(tmp_path / "out")
     assert table.schema == pa.schema(
         [
             ("label", pa.int8()),
@@ -100,10 +91,10 @@ def test_headerless_tsv_with_derived_timestamps(tmp_path: Path) -> None:
         }
     )
     summary = convert_csv(
-        _write(tmp_path / "log.tsv", text), tmp_path / "out", spec, rows_per_day=2
+        write_text(tmp_path / "log.tsv", text), tmp_path / "out", spec, rows_per_day=2
     )
     assert summary["layout"] == "tab-separated"
-    table = _read(tmp_path / "out")
+    table = read_log(tmp_path / "out")
     assert table.column("timestamp").to_pylist() == timestamps(0, 3, 2).to_pylist()
     assert table.column("item").to_pylist() == [string_id("a"), string_id("b"), string_id("a")]
     assert table.column("x").to_pylist() == [0.5, 1.5, 2.5]
@@ -134,8 +125,8 @@ def test_id_modes() -> None:
 
 
 def test_converted_log_meets_the_contract(tmp_path: Path) -> None:
-    spec = load_spec(_write(tmp_path / "spec.yaml", SPEC))
-    convert_csv(_write(tmp_path / "log.csv", CSV), tmp_path / "out", spec)
+    spec = load_spec(write_text(tmp_path / "spec.yaml", SPEC))
+    convert_csv(write_text(tmp_path / "log.csv", CSV), tmp_path / "out", spec)
     features = FeaturesConfig.model_validate(
         {
             "user_id": None,
@@ -166,9 +157,9 @@ def test_bad_cell_names_file_line_and_column(
 ) -> None:
     rows = CSV.splitlines()
     rows[line - 1] = replacement
-    bad = _write(tmp_path / "log.csv", "\n".join(rows) + "\n")
+    bad = write_text(tmp_path / "log.csv", "\n".join(rows) + "\n")
     with pytest.raises(BadInputError, match=message):
-        convert_csv(bad, tmp_path / "out", load_spec(_write(tmp_path / "s.yaml", SPEC)))
+        convert_csv(bad, tmp_path / "out", load_spec(write_text(tmp_path / "s.yaml", SPEC)))
     assert not (tmp_path / "out").exists()
 
 
@@ -179,15 +170,15 @@ def test_integer_ids_refuse_text(tmp_path: Path) -> None:
     with pytest.raises(
         BadInputError, match=r"line 3 .*, column 'item': not one of the integer IDs, got 'five'"
     ):
-        convert_csv(_write(tmp_path / "a.csv", "y,item\n1,5\n0,five\n"), tmp_path / "out", spec)
+        convert_csv(write_text(tmp_path / "a.csv", "y,item\n1,5\n0,five\n"), tmp_path / "out", spec)
 
 
 def test_every_file_column_must_be_declared(tmp_path: Path) -> None:
     spec = spec_from_dict({"label": "y", "columns": {"item": "categorical"}})
     with pytest.raises(BadInputError, match=r"column\(s\) \['extra'\] are not in the spec"):
-        convert_csv(_write(tmp_path / "a.csv", "y,item,extra\n1,5,6\n"), tmp_path / "out", spec)
+        convert_csv(write_text(tmp_path / "a.csv", "y,item,extra\n1,5,6\n"), tmp_path / "out", spec)
     with pytest.raises(BadInputError, match=r"no column\(s\) \['item'\]"):
-        convert_csv(_write(tmp_path / "b.csv", "y,other\n1,5\n"), tmp_path / "out", spec)
+        convert_csv(write_text(tmp_path / "b.csv", "y,other\n1,5\n"), tmp_path / "out", spec)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +206,7 @@ def test_json_spec_and_options_give_the_same_spec(tmp_path: Path) -> None:
         "timestamp": "ts",
         "columns": {"user": "categorical", "price": "numeric"},
     }
-    from_json = load_spec(_write(tmp_path / "s.json", json.dumps(doc)))
+    from_json = load_spec(write_text(tmp_path / "s.json", json.dumps(doc)))
     from_options = spec_from_options("click", "ts", categorical=["user"], numeric=["price"])
     assert from_json == from_options
     with pytest.raises(ConfigError, match="NAME=SEPARATOR"):
@@ -223,7 +214,7 @@ def test_json_spec_and_options_give_the_same_spec(tmp_path: Path) -> None:
 
 
 def test_cli_convert_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    log = str(_write(tmp_path / "log.csv", CSV))
+    log = str(write_text(tmp_path / "log.csv", CSV))
     main(
         [
             "convert",
@@ -232,7 +223,7 @@ def test_cli_convert_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             "--out",
             str(tmp_path / "a"),
             "--spec",
-            str(_write(tmp_path / "s.yaml", SPEC)),
+            str(write_text(tmp_path / "s.yaml", SPEC)),
         ]
     )
     assert json.loads(capsys.readouterr().out)["rows"] == 4
@@ -240,7 +231,7 @@ def test_cli_convert_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     options += ["--numeric", "price", "--sequence", "history=|", "--skip", "note"]
     main(["convert", "csv", log, "--out", str(tmp_path / "b"), *options])
     capsys.readouterr()
-    by_spec, by_options = _read(tmp_path / "a"), _read(tmp_path / "b")
+    by_spec, by_options = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert by_options.select(by_spec.column_names).equals(by_spec)
     with pytest.raises(SystemExit):
         main(["convert", "csv", log, "--out", str(tmp_path / "c")])

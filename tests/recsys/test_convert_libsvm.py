@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
 from recsys.config import FeaturesConfig
 from recsys.contract import BadInputError
-from recsys.convert import libsvm
+from recsys.convert import libsvm_reader
 from recsys.convert.criteo import DAY0, timestamps
 from recsys.convert.libsvm import convert_libfm, convert_libsvm, parse_indices
 from recsys.logs import read_validated
+from tests.helpers import read_log, write_text
 
 LIBSVM = """\
 1 1:0.5 3:2 100:1 205:1
@@ -36,18 +36,11 @@ LIBFM = """\
 """
 
 
-def _read(out: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("day=*/*.parquet")))
-
-
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
 def test_libsvm_positional_round_trip(tmp_path: Path) -> None:
-    summary = convert_libsvm(_write(tmp_path / "a.svm", LIBSVM), tmp_path / "out", numeric=[1, 3])
-    table = _read(tmp_path / "out")
+    summary = convert_libsvm(
+        write_text(tmp_path / "a.svm", LIBSVM), tmp_path / "out", numeric=[1, 3]
+    )
+    table = read_log(tmp_path / "out")
     assert table.schema.names == ["label", "timestamp", "x1", "x3", "f1", "f2"]
     assert [str(t) for t in table.schema.types] == ["int8", "int64", "float", "float"] + [
         "int64"
@@ -70,11 +63,11 @@ def test_libsvm_bag_layout_and_days(tmp_path: Path) -> None:
     text = "1 7:1\n0 8:1 9:1 10:1\n1\n0 3:0.5 11:1\n"
     out = tmp_path / "out"
     summary = convert_libsvm(
-        _write(tmp_path / "a.svm", text), out, rows_per_day=3, numeric=[3], layout="bag"
+        write_text(tmp_path / "a.svm", text), out, rows_per_day=3, numeric=[3], layout="bag"
     )
     assert sorted(p.name for p in out.glob("day=*")) == ["day=2026-01-01", "day=2026-01-02"]
     assert summary["day_rows"] == {"2026-01-01": 3, "2026-01-02": 1}
-    table = _read(out)
+    table = read_log(out)
     assert table.column("ids").to_pylist() == [[7], [8, 9, 10], [], [11]]
     assert table.column("x3").to_pylist() == [None, None, None, 0.5]
     assert table.column("timestamp").to_pylist() == timestamps(0, 4, 3).to_pylist()
@@ -82,9 +75,9 @@ def test_libsvm_bag_layout_and_days(tmp_path: Path) -> None:
 
 def test_libfm_fields_numeric_single_and_multi_valued(tmp_path: Path) -> None:
     summary = convert_libfm(
-        _write(tmp_path / "a.ffm", LIBFM), tmp_path / "out", numeric=[2], multi_valued=[9]
+        write_text(tmp_path / "a.ffm", LIBFM), tmp_path / "out", numeric=[2], multi_valued=[9]
     )
-    table = _read(tmp_path / "out")
+    table = read_log(tmp_path / "out")
     assert summary["multi_valued"] == [1, 9]  # field 1 repeats on line 2; 9 was asked for
     assert table.schema.field("f1").type == pa.list_(pa.int64())
     assert table.drop_columns(["timestamp"]).to_pydict() == {
@@ -97,7 +90,7 @@ def test_libfm_fields_numeric_single_and_multi_valued(tmp_path: Path) -> None:
 
 
 def test_converted_log_meets_the_contract(tmp_path: Path) -> None:
-    convert_libsvm(_write(tmp_path / "a.svm", LIBSVM), tmp_path / "out", numeric=[1, 3])
+    convert_libsvm(write_text(tmp_path / "a.svm", LIBSVM), tmp_path / "out", numeric=[1, 3])
     features = FeaturesConfig.model_validate(
         {
             "user_id": None,
@@ -112,27 +105,27 @@ def test_blocks_split_no_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     rng = np.random.default_rng(0)
     labels, xs, ids = rng.integers(0, 2, 300), rng.random(300), rng.integers(100, 999, 300)
     lines = [f"{labels[k]} 1:{xs[k]:.3f} 42:1 {ids[k]}:1" for k in range(300)]
-    path = _write(tmp_path / "a.svm", "\n".join(lines))  # no newline after the last line
+    path = write_text(tmp_path / "a.svm", "\n".join(lines))  # no newline after the last line
     convert_libsvm(path, tmp_path / "whole", numeric=[1])
-    monkeypatch.setattr(libsvm, "LINE_BLOCK_BYTES", 37)  # blocks end inside lines
+    monkeypatch.setattr(libsvm_reader, "LINE_BLOCK_BYTES", 37)  # blocks end inside lines
     convert_libsvm(path, tmp_path / "blocks", numeric=[1])
-    whole, blocks = _read(tmp_path / "whole"), _read(tmp_path / "blocks")
+    whole, blocks = read_log(tmp_path / "whole"), read_log(tmp_path / "blocks")
     assert whole.equals(blocks) and whole.num_rows == 300
     assert whole.column("f2").to_pylist() == [int(x.split()[3][:-2]) for x in lines]
     lines[276] = lines[276].replace(":1", ":2", 1)
-    bad = _write(tmp_path / "bad.svm", "\n".join(lines))
+    bad = write_text(tmp_path / "bad.svm", "\n".join(lines))
     with pytest.raises(BadInputError, match=r"bad\.svm, line 277: value 2 of the one-hot ID 42"):
         convert_libsvm(bad, tmp_path / "bad", numeric=[1])
     assert not (tmp_path / "bad").exists()
 
 
 def test_gzip_input_gives_the_same_log(tmp_path: Path) -> None:
-    plain = _write(tmp_path / "a.svm", LIBSVM)
+    plain = write_text(tmp_path / "a.svm", LIBSVM)
     packed = tmp_path / "a.svm.gz"
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     convert_libsvm(plain, tmp_path / "plain", numeric=[1, 3])
     convert_libsvm(packed, tmp_path / "packed", numeric=[1, 3])
-    assert _read(tmp_path / "plain").equals(_read(tmp_path / "packed"))
+    assert read_log(tmp_path / "plain").equals(read_log(tmp_path / "packed"))
 
 
 @pytest.mark.parametrize(
@@ -155,7 +148,7 @@ def test_malformed_libsvm_line_is_named(
     tmp_path: Path, text: str, options: dict, message: str
 ) -> None:
     with pytest.raises(BadInputError, match=message):
-        convert_libsvm(_write(tmp_path / "bad.svm", text), tmp_path / "out", **options)
+        convert_libsvm(write_text(tmp_path / "bad.svm", text), tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
 
 
@@ -169,7 +162,7 @@ def test_malformed_libsvm_line_is_named(
 )
 def test_malformed_libfm_line_is_named(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(BadInputError, match=message):
-        convert_libfm(_write(tmp_path / "bad.ffm", text), tmp_path / "out")
+        convert_libfm(write_text(tmp_path / "bad.ffm", text), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -177,7 +170,7 @@ def test_earliest_bad_line_wins(tmp_path: Path) -> None:
     # Line 4's bad index would be found by an earlier check than line 3's bad value.
     text = "1 5:1\n0 5:1\n1 5:7\n0 q:1\n"
     with pytest.raises(BadInputError, match="line 3: value 7"):
-        convert_libsvm(_write(tmp_path / "bad.svm", text), tmp_path / "out")
+        convert_libsvm(write_text(tmp_path / "bad.svm", text), tmp_path / "out")
 
 
 def test_parse_indices() -> None:
@@ -188,7 +181,7 @@ def test_parse_indices() -> None:
 
 
 def test_cli_convert_libsvm_and_libfm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    svm = str(_write(tmp_path / "a.svm", LIBSVM))
+    svm = str(write_text(tmp_path / "a.svm", LIBSVM))
     main(
         [
             "convert",
@@ -203,10 +196,10 @@ def test_cli_convert_libsvm_and_libfm(tmp_path: Path, capsys: pytest.CaptureFixt
         ]
     )
     assert json.loads(capsys.readouterr().out)["days"] == 2
-    libfm = str(_write(tmp_path / "a.ffm", LIBFM))
+    libfm = str(write_text(tmp_path / "a.ffm", LIBFM))
     main(["convert", "libfm", libfm, "--out", str(tmp_path / "f"), "--numeric", "2"])
     assert json.loads(capsys.readouterr().out)["rows"] == 4
-    assert _read(tmp_path / "f").column("f2").to_pylist() == [0.25, None, 1.5, None]
+    assert read_log(tmp_path / "f").column("f2").to_pylist() == [0.25, None, 1.5, None]
     with pytest.raises(SystemExit):
-        main(["convert", "libsvm", str(_write(tmp_path / "b.svm", "7 1:1\n")), "--out", "x"])
+        main(["convert", "libsvm", str(write_text(tmp_path / "b.svm", "7 1:1\n")), "--out", "x"])
     assert "line 1: label '7'" in capsys.readouterr().err

@@ -10,14 +10,16 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
 from recsys.config import load_config
-from recsys.convert.criteo import DAY0, DENSE, SCHEMA, SPARSE, DayWriter, convert_criteo
+from recsys.convert.criteo import DAY0, DENSE, SCHEMA, SPARSE, convert_criteo
+from recsys.convert.day_log import DayPartitionedLog
 from recsys.logs import read_validated
+from tests.helpers import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,11 +39,6 @@ pytestmark = pytest.mark.skipif(
     not (TSV.is_file() and CSV.is_file()),
     reason=f"Criteo fixtures not found in {DATA} (set RECSYS_SHARED_DATA to their folder)",
 )
-
-
-def _read(out: Path) -> pa.Table:
-    """All Parquet files of a converted log, in day and part order, as they were written."""
-    return pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("day=*/*.parquet")))
 
 
 def _text_rows() -> list[list[str]]:
@@ -64,7 +61,7 @@ def _corrupt(tmp_path: Path, line: int, field: int, value: str | None) -> Path:
 def test_both_layouts_give_identical_tables(tmp_path: Path) -> None:
     from_tsv = convert_criteo(TSV, tmp_path / "tsv")
     from_csv = convert_criteo(CSV, tmp_path / "csv")
-    tsv, csv_ = _read(tmp_path / "tsv"), _read(tmp_path / "csv")
+    tsv, csv_ = read_log(tmp_path / "tsv"), read_log(tmp_path / "csv")
     assert tsv.schema == SCHEMA
     assert tsv.equals(csv_)
     assert tsv.num_rows == from_tsv["rows"] == from_csv["rows"] == 200
@@ -74,7 +71,7 @@ def test_both_layouts_give_identical_tables(tmp_path: Path) -> None:
 
 def test_values_match_the_text(tmp_path: Path) -> None:
     convert_criteo(TSV, tmp_path / "out")
-    table = _read(tmp_path / "out").to_pydict()
+    table = read_log(tmp_path / "out").to_pydict()
     rows = _text_rows()
     assert set(table["label"]) == {0, 1}
     assert table["label"] == [int(r[0]) for r in rows]
@@ -90,7 +87,7 @@ def test_values_match_the_text(tmp_path: Path) -> None:
 
 def test_summary_counts_nulls_and_is_written(tmp_path: Path) -> None:
     summary = convert_criteo(TSV, tmp_path / "out")
-    table = _read(tmp_path / "out")
+    table = read_log(tmp_path / "out")
     assert summary["nulls"] == {name: table.column(name).null_count for name in SCHEMA.names}
     assert summary["nulls"]["I1"] > 0
     assert json.loads((tmp_path / "out" / "_convert.json").read_text()) == summary
@@ -100,7 +97,7 @@ def test_summary_counts_nulls_and_is_written(tmp_path: Path) -> None:
 def test_log_transform_applies_to_positive_values_only(tmp_path: Path) -> None:
     convert_criteo(TSV, tmp_path / "plain")
     convert_criteo(TSV, tmp_path / "log", log_transform=True)
-    plain, logged = _read(tmp_path / "plain"), _read(tmp_path / "log")
+    plain, logged = read_log(tmp_path / "plain"), read_log(tmp_path / "log")
     for name in DENSE:
         x = np.array([float(r[DENSE.index(name) + 1] or "nan") for r in _text_rows()])
         want = np.where(x > 0, np.log1p(np.where(x > 0, x, 0)), x).astype(np.float32)
@@ -121,7 +118,7 @@ def test_rows_per_day_partitions_and_timestamps(tmp_path: Path) -> None:
     counts = [pq.read_table(out / d).num_rows for d in days]
     assert counts == [80, 80, 40]
     assert summary["day_rows"] == {"2026-01-01": 80, "2026-01-02": 80, "2026-01-03": 40}
-    table = _read(out)
+    table = read_log(out)
     assert "day" not in table.column_names
     ts = np.asarray(table.column("timestamp"))
     assert (np.diff(ts) > 0).all()
@@ -130,34 +127,36 @@ def test_rows_per_day_partitions_and_timestamps(tmp_path: Path) -> None:
     assert ts[1] - ts[0] == 86_400 // 80
     # The rows keep their order: the same table as one day, timestamps aside.
     convert_criteo(CSV, tmp_path / "one")
-    one_day = _read(tmp_path / "one")
+    one_day = read_log(tmp_path / "one")
     assert table.drop_columns(["timestamp"]).equals(one_day.drop_columns(["timestamp"]))
 
 
 def test_one_day_spreads_rows_over_the_day(tmp_path: Path) -> None:
     convert_criteo(TSV, tmp_path / "out")
-    ts = np.asarray(_read(tmp_path / "out").column("timestamp"))
+    ts = np.asarray(read_log(tmp_path / "out").column("timestamp"))
     assert [p.name for p in (tmp_path / "out").glob("day=*")] == ["day=2026-01-01"]
     assert (np.diff(ts) > 0).all()
     assert ts[0] == DAY0 and ts[-1] == DAY0 + 199 * 86_400 // 200
 
 
-def test_writer_rolls_files_within_a_day(tmp_path: Path) -> None:
+def test_day_log_rolls_files_within_a_day(tmp_path: Path) -> None:
     convert_criteo(TSV, tmp_path / "src")
-    table = _read(tmp_path / "src")
-    writer = DayWriter(tmp_path / "out", rows_per_file=70)
-    writer.write(table, day=0)
-    writer.write(table.slice(0, 10), day=1)
-    writer.close()
-    names = [f.relative_to(tmp_path / "out").as_posix() for f in writer.files]
-    assert names == [
+    table = read_log(tmp_path / "src")
+    at = table.schema.get_field_index("timestamp")
+    next_day = table.set_column(at, "timestamp", pc.add(table.column(at), 86_400))
+    with DayPartitionedLog(tmp_path / "out", SCHEMA, rows_per_file=70) as log:
+        log.write(table)
+        log.write(next_day.slice(0, 10))
+        log.commit({})
+    files = sorted((tmp_path / "out").glob("day=*/*.parquet"))
+    assert [f.relative_to(tmp_path / "out").as_posix() for f in files] == [
         "day=2026-01-01/part-00000.parquet",
         "day=2026-01-01/part-00001.parquet",
         "day=2026-01-01/part-00002.parquet",
         "day=2026-01-02/part-00000.parquet",
     ]
-    assert [pq.read_metadata(f).num_rows for f in writer.files] == [70, 70, 60, 10]
-    assert _read(tmp_path / "out").slice(0, 200).equals(table)
+    assert [pq.read_metadata(f).num_rows for f in files] == [70, 70, 60, 10]
+    assert read_log(tmp_path / "out").slice(0, 200).equals(table)
 
 
 def test_gzip_input_gives_the_same_table(tmp_path: Path) -> None:
@@ -167,9 +166,9 @@ def test_gzip_input_gives_the_same_table(tmp_path: Path) -> None:
         summary = convert_criteo(compressed, tmp_path / name.replace(".", "_"))
         assert summary["layout"].endswith("gzip")
     convert_criteo(TSV, tmp_path / "plain")
-    plain = _read(tmp_path / "plain")
-    assert _read(tmp_path / "sample_tsv_gz").equals(plain)
-    assert _read(tmp_path / "sample_txt_gz").equals(plain)
+    plain = read_log(tmp_path / "plain")
+    assert read_log(tmp_path / "sample_tsv_gz").equals(plain)
+    assert read_log(tmp_path / "sample_txt_gz").equals(plain)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,6 @@ import json
 import zipfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
@@ -27,6 +25,7 @@ from recsys.convert.movielens import (
     fetch_wheel,
 )
 from recsys.logs import read_validated
+from tests.helpers import read_log
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 874_713_600 + 3_600  # 1997-09-20 01:00:00 UTC
@@ -72,10 +71,6 @@ def _wheel(path: Path, inter: str | None = None, users: str = USERS) -> Path:
     return path
 
 
-def _read(folder: Path) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in sorted(folder.glob("day=*/*.parquet")))
-
-
 @pytest.fixture
 def built(tmp_path: Path) -> tuple[Path, dict]:
     out = tmp_path / "ml"
@@ -89,7 +84,7 @@ def test_ctr_log_labels_side_features_and_days(built: tuple[Path, dict]) -> None
         "day=1997-09-21",
         "day=1997-09-22",
     ]
-    table = _read(out / "ctr")
+    table = read_log(out / "ctr")
     assert table.schema == CTR_SCHEMA
     g = {name: string_id(name) for name in ("Animation", "Children's", "Comedy", "Action")}
     g |= {name: string_id(name) for name in ("Adventure", "Thriller", "unknown")}
@@ -134,10 +129,10 @@ def test_ctr_log_labels_side_features_and_days(built: tuple[Path, dict]) -> None
 
 def test_sequence_log_histories_are_strictly_earlier_and_in_order(built: tuple[Path, dict]) -> None:
     out, _ = built
-    table = _read(out / "sequence")
+    table = read_log(out / "sequence")
     assert table.schema == SEQUENCE_SCHEMA
     assert table.drop_columns([f.name for f in SEQUENCE_SCHEMA][4:]).equals(
-        _read(out / "ctr").select(["label", "timestamp", "user_id", "item_id"])
+        read_log(out / "ctr").select(["label", "timestamp", "user_id", "item_id"])
     )
     rows = table.to_pydict()
     assert rows["hist_item_id"] == [[], [], [20], [20], [], [], [20, 10, 30], [20, 10, 30, 40]]
@@ -162,7 +157,7 @@ def test_sequence_log_histories_are_strictly_earlier_and_in_order(built: tuple[P
 def test_max_history_keeps_the_most_recent(tmp_path: Path) -> None:
     out = tmp_path / "ml"
     summary = build_movielens(_wheel(tmp_path / WHEEL), out, max_history=2)
-    rows = _read(out / "sequence").to_pydict()
+    rows = read_log(out / "sequence").to_pydict()
     assert rows["hist_item_id"][6:] == [[10, 30], [30, 40]]
     assert summary["max_history"] == 2
 

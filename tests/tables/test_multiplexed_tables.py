@@ -11,24 +11,26 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipelines.build import build_model, load_trained, save_vocabularies
+from pipelines.build import build_model
 from pipelines.export.writer import export
-from pipelines.train.checkpoint import save_checkpoint
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
 from recsys.hashing import bucket, derive_salt
-from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
 from recsys.synth import generate
 from tables.budget import budget_tables, full_parameters
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
 from tables.sharding import combined_optimizer, shard_model
-from tables.vocab import build_vocabularies
-from tests.helpers import copy_full_state, gloo_group, spawn_ranks
+from tests.helpers import (
+    copy_full_state,
+    gloo_group,
+    hand_written_run,
+    spawn_ranks,
+    trained_probabilities,
+)
 from tests.small_log import small_features, small_table
 
 DIM = 4
@@ -140,24 +142,11 @@ def test_export_serves_what_the_model_scores(tmp_path: Path) -> None:
     log = tmp_path / "log.parquet"
     pq.write_table(small_table(300, 1), log)
     run = tmp_path / "run"
-    run.mkdir()
-    vocab = build_vocabularies(cfg, log)
-    save_vocabularies(run, vocab)
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    model = build_model(cfg, vocab)
-    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.1), {"step": 3})
+    hand_written_run(cfg, log, run)
 
     export(run, tmp_path / "export")
     served = ServingModel(tmp_path / "export").predict(log).column("prob").to_numpy()
-    _, trained, _ = load_trained(run)
-    with torch.no_grad():
-        expected = np.concatenate(
-            [
-                torch.sigmoid(trained(BatchConverter(cfg.features)(t))).numpy()
-                for t in read_validated(log, cfg.features)
-            ]
-        )
-    np.testing.assert_allclose(served, expected, atol=1e-6)
+    np.testing.assert_allclose(served, trained_probabilities(run, log), atol=1e-6)
     assert served.std() > 0  # random tables: the lookups matter
 
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
