@@ -10,7 +10,17 @@ import json
 import sys
 from pathlib import Path
 
+from pipelines.console import chatter_to, report, run_log, set_verbosity
+from pipelines.convert_cli import add_convert_commands
 from recsys.config import ConfigError, load_config
+
+
+def _show(args: argparse.Namespace, title: str, result: dict) -> None:
+    """A command's result: tables for people, JSON with --json."""
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(report(title, result))
 
 
 def _cmd_gen_data(args: argparse.Namespace) -> None:
@@ -18,73 +28,7 @@ def _cmd_gen_data(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     summary = generate(cfg, rows=args.rows, out=Path(args.out))
-    print(json.dumps(summary, indent=2))
-
-
-def _cmd_convert_criteo(args: argparse.Namespace) -> None:
-    from recsys.convert.criteo import convert_criteo
-
-    summary = convert_criteo(
-        Path(args.input),
-        Path(args.out),
-        rows_per_day=args.rows_per_day,
-        log_transform=args.log_transform,
-    )
-    print(json.dumps(summary, indent=2))
-
-
-def _cmd_convert_libsvm(args: argparse.Namespace) -> None:
-    from recsys.convert.libsvm import convert_libfm, convert_libsvm, parse_indices
-
-    numeric = parse_indices(args.numeric or "")
-    if args.source == "libsvm":
-        summary = convert_libsvm(
-            Path(args.input), Path(args.out), args.rows_per_day, numeric, args.layout
-        )
-    else:
-        multi = parse_indices(args.multi_valued or "")
-        summary = convert_libfm(Path(args.input), Path(args.out), args.rows_per_day, numeric, multi)
-    print(json.dumps(summary, indent=2))
-
-
-def _cmd_convert_csv(args: argparse.Namespace) -> None:
-    from recsys.convert.csv_spec import load_spec, spec_from_options
-    from recsys.convert.delimited import convert_csv
-
-    def names(text: str | None) -> list[str]:
-        return [n.strip() for n in (text or "").split(",") if n.strip()]
-
-    if args.spec:
-        if args.label:
-            raise ConfigError("give the columns either in --spec or as options, not both")
-        spec = load_spec(args.spec)
-    elif args.label:
-        spec = spec_from_options(
-            args.label,
-            args.timestamp,
-            names(args.categorical),
-            names(args.numeric),
-            args.sequence or [],
-            names(args.skip),
-            delimiter="\t" if args.delimiter in ("\\t", "tab") else args.delimiter,
-            header=False if args.names else None,
-            names=names(args.names) or None,
-        )
-    else:
-        raise ConfigError("recsys convert csv needs --spec FILE or at least --label COLUMN")
-    summary = convert_csv(Path(args.input), Path(args.out), spec, rows_per_day=args.rows_per_day)
-    print(json.dumps(summary, indent=2))
-
-
-def _cmd_convert_movielens(args: argparse.Namespace) -> None:
-    from recsys.convert.movielens import convert_movielens
-
-    try:
-        summary = convert_movielens(args.out, wheel=args.wheel, max_history=args.max_history)
-    except RuntimeError as err:  # the download failed: pip's own words say why
-        print(f"recsys convert movielens: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(summary, indent=2))
+    _show(args, f"gen-data: {args.out}", summary)
 
 
 def _cmd_stats(args: argparse.Namespace) -> None:
@@ -94,7 +38,7 @@ def _cmd_stats(args: argparse.Namespace) -> None:
     data = args.data or cfg.data.train
     if data is None:
         raise ConfigError(f"{args.config}: no data given (--data or data.train)")
-    print(json.dumps(log_statistics(cfg, data), indent=2))
+    _show(args, f"stats: {data}", log_statistics(cfg, data))
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
@@ -110,14 +54,20 @@ def _cmd_validate(args: argparse.Namespace) -> None:
         t.num_rows
         for t in read_validated(data, cfg.features, 262_144, cfg.data.on_bad_rows, skipped)
     )
-    print(json.dumps({"data": str(data), "valid_rows": rows, "skipped": skipped.as_dict()}))
+    result = {"data": str(data), "valid_rows": rows, "skipped": skipped.as_dict()}
+    _show(args, f"validate: {data}", result)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from pipelines.train.driver import train
+    from pipelines.train.summary import train_table
 
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(train(cfg, address=args.address, resume=args.resume), indent=2, default=str))
+    summary = train(cfg, address=args.address, resume=args.resume)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(train_table(summary))
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
@@ -127,7 +77,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     variants = [v.strip() for v in args.variants.split(",")]
     points = sweep(cfg, budgets, variants, args.out, address=args.address)
-    print(json.dumps(points, indent=2, default=float))
+    _show(args, f"sweep: {args.out}", {"points": points})
 
 
 def _cmd_optembed(args: argparse.Namespace) -> None:
@@ -135,25 +85,27 @@ def _cmd_optembed(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     step = getattr(optembed, args.command)
-    print(json.dumps(step(cfg, address=args.address), indent=2, default=str))
+    _show(args, f"{args.command}: {cfg.name}", step(cfg, address=args.address))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pipelines.evaluate import evaluate
 
-    report = evaluate(
+    chatter_to(run_log(args.checkpoint, "evaluate"))
+    result = evaluate(
         args.checkpoint, args.data, workers=args.workers, report_dir=args.out, newest=args.newest
     )
-    print(json.dumps(report, indent=2, default=float))
+    _show(args, f"evaluate: {result['data']} (step {result['step']})", result)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipelines.export.writer import export
 
+    chatter_to(run_log(args.checkpoint, "export"))
     result = export(
         args.checkpoint, args.out, dtype=args.dtype, since=args.since, newest=args.newest
     )
-    print(json.dumps(result, indent=2))
+    _show(args, f"export: {args.out}", result)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -178,7 +130,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.with_metrics:
         groups = scored.column("group").to_numpy() if "group" in scored.column_names else None
         summary.update(evaluate_predictions(scored.column("label").to_numpy(), probs, groups))
-    print(json.dumps(summary, indent=2, default=float))
+    _show(args, f"predict: {args.data}", summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,72 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_gen_data)
 
-    p = sub.add_parser("convert", help="convert a public log to the Parquet contract")
-    conv = p.add_subparsers(dest="source", required=True)
-    c = conv.add_parser("criteo", help="Criteo display-ads text (raw TSV or CSV with header)")
-    c.add_argument("input", help="the text file (.tsv/.txt, optionally .gz)")
-    c.add_argument("--out", required=True, help="output directory")
-    c.add_argument(
-        "--rows-per-day",
-        type=int,
-        default=None,
-        help="rows per day for the derived timestamp and day partitions (default: one day)",
-    )
-    c.add_argument(
-        "--log-transform",
-        action="store_true",
-        help="write I1..I13 as log(1 + x) for x > 0 (x <= 0 kept as is)",
-    )
-    c.set_defaults(func=_cmd_convert_criteo)
-
-    rows_per_day_help = "rows per day of the derived timestamp and day partitions (default: one)"
-    for fmt, token in (("libsvm", "index:value"), ("libfm", "field:feature:value")):
-        c = conv.add_parser(fmt, help=f"{fmt} text, `label {token} ...` (one-hot IDs, value 1)")
-        c.add_argument("input", help="the text file (optionally .gz)")
-        c.add_argument("--out", required=True, help="output directory")
-        c.add_argument("--rows-per-day", type=int, default=None, help=rows_per_day_help)
-        what = "indices" if fmt == "libsvm" else "fields"
-        c.add_argument(
-            "--numeric", help=f"{what} holding numbers (float32 columns), e.g. 1-13 (default none)"
-        )
-        if fmt == "libsvm":
-            c.add_argument(
-                "--layout",
-                choices=["positional", "bag"],
-                default="positional",
-                help="positional: the k-th ID of a line is column f<k> (default); bag: one "
-                "list column `ids`",
-            )
-        else:
-            c.add_argument("--multi-valued", help="fields written as lists even if never repeated")
-        c.set_defaults(func=_cmd_convert_libsvm)
-
-    c = conv.add_parser("csv", help="CSV / TSV with a feature spec (file or options)")
-    c.add_argument("input", help="the text file (optionally .gz; *.tsv is tab-separated)")
-    c.add_argument("--out", required=True, help="output directory")
-    c.add_argument("--spec", help="YAML or JSON spec (see recsys/convert/csv_spec.py)")
-    c.add_argument("--label", help="label column (0/1), instead of a spec file")
-    c.add_argument("--timestamp", help="timestamp column (Unix seconds); default: derived")
-    c.add_argument("--categorical", help="comma-separated ID columns (int64)")
-    c.add_argument("--numeric", help="comma-separated number columns (float32)")
-    c.add_argument(
-        "--sequence", action="append", help="NAME=SEPARATOR: an ID-list column (repeatable)"
-    )
-    c.add_argument("--skip", help="comma-separated columns to leave out")
-    c.add_argument("--delimiter", help="field delimiter (default: tab for .tsv, else comma)")
-    c.add_argument("--names", help="the columns of a header-less file, comma-separated")
-    c.add_argument("--rows-per-day", type=int, default=None, help=rows_per_day_help)
-    c.set_defaults(func=_cmd_convert_csv)
-
-    c = conv.add_parser(
-        "movielens", help="MovieLens-100K (from the recbole wheel) as CTR and sequence logs"
-    )
-    c.add_argument("--out", required=True, help="output directory (gets ctr/ and sequence/)")
-    c.add_argument("--wheel", help="a local recbole-1.2.1 wheel (default: download and cache)")
-    c.add_argument(
-        "--max-history", type=int, default=200, help="most recent ratings kept as history"
-    )
-    c.set_defaults(func=_cmd_convert_movielens)
+    add_convert_commands(sub, _show)
 
     p = sub.add_parser("stats", help="print statistics of a Parquet log")
     with_config(p)
@@ -352,11 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the probabilities to this Parquet file")
     p.add_argument("--with-metrics", action="store_true", help="also print AUC etc. (needs labels)")
     p.set_defaults(func=_cmd_predict)
+    for command in _leaves(sub):
+        output = command.add_argument_group("output")
+        output.add_argument("--json", action="store_true", help="print the result as JSON")
+        loudness = output.add_mutually_exclusive_group()
+        loudness.add_argument(
+            "--verbose", action="store_true", help="libraries' output on the console too"
+        )
+        loudness.add_argument("--quiet", action="store_true", help="only errors and the result")
     return parser
+
+
+def _leaves(sub: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """Every command's parser (`convert`'s formats included)."""
+    found = []
+    for parser in dict.fromkeys(sub.choices.values()):
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        found += _leaves(nested[0]) if nested else [parser]
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    set_verbosity("verbose" if args.verbose else "quiet" if args.quiet else "normal")
     try:
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:

@@ -1,8 +1,11 @@
-"""`recsys evaluate`: score a held-out log with a trained run, in parallel Ray actors.
+"""`recsys evaluate`: score a held-out log with a trained run, in this process or in
+parallel Ray actors.
 
-Each actor loads the model once (unsharded, CPU) and scores Arrow batches streamed by Ray
-Data; the driver gathers (probability, label, user) columns and computes the metrics in
-bulk, then writes `report.json` and `report.png` (ROC and calibration).
+With one worker (the default) the log is validated and scored in one pass here, with no
+Ray to start; with more, each Ray Data actor loads the model once (unsharded, CPU) and
+scores the Arrow batches streamed to it. Both hand (probability, label, user) columns to
+the same metrics, computed in bulk, then write `report.json` and `report.png` (ROC and
+calibration).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from recsys.metrics import evaluate_predictions, plot_report
 class _Scorer:
     """A Ray Data actor: Arrow batch of the log -> Arrow batch of predictions."""
 
-    def __init__(self, run: str) -> None:
-        torch.set_num_threads(1)
+    def __init__(self, run: str, threads: int | None = 1) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.cfg, self.model, _ = load_trained(run)
         self.convert = BatchConverter(self.cfg.features)
 
@@ -60,20 +64,16 @@ def evaluate(
     if data is None:
         raise ConfigError(f"{run}: no data to score; pass --data or set data.test in the config")
     skipped = BadRowCounts()
-    for _ in read_validated(data, cfg.features, 262_144, cfg.data.on_bad_rows, skipped):
-        pass  # every bad row named (file, column, row) or counted before scoring starts
-    start_ray(None, workers)
-    files = [str(p) for p in parquet_files(data)]
-    predictions = ray.data.read_parquet(
-        files, columns=cfg.features.column_names(), partitioning=None
-    ).map_batches(
-        _Scorer,
-        fn_constructor_args=(progress["checkpoint"],),  # the very checkpoint chosen here
-        batch_size=cfg.train.batch_size,
-        batch_format="pyarrow",
-        concurrency=workers,
-    )
-    scored = pa.concat_tables(predictions.iter_batches(batch_format="pyarrow", batch_size=None))
+    if workers == 1:
+        scorer = _Scorer(progress["checkpoint"], threads=None)
+        stream = read_validated(
+            data, cfg.features, cfg.train.batch_size, cfg.data.on_bad_rows, skipped
+        )
+        scored = pa.concat_tables([scorer(table) for table in stream])
+    else:
+        for _ in read_validated(data, cfg.features, 262_144, cfg.data.on_bad_rows, skipped):
+            pass  # every bad row named (file, column, row) or counted before scoring starts
+        scored = _score_on_ray(data, cfg, progress["checkpoint"], workers)
     labels = scored.column("label").to_numpy()
     probs = scored.column("prob").to_numpy()
     groups = scored.column("group").to_numpy() if "group" in scored.column_names else None
@@ -90,3 +90,19 @@ def evaluate(
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     plot_report(metrics, labels, probs, out / "report.png")
     return report
+
+
+def _score_on_ray(data: str | Path, cfg: Any, checkpoint: str, workers: int) -> pa.Table:
+    """(prob, label[, group]) of every row, scored by `workers` Ray Data actors."""
+    start_ray(None, workers)
+    files = [str(p) for p in parquet_files(data)]
+    predictions = ray.data.read_parquet(
+        files, columns=cfg.features.column_names(), partitioning=None
+    ).map_batches(
+        _Scorer,
+        fn_constructor_args=(checkpoint,),  # the very checkpoint chosen by the caller
+        batch_size=cfg.train.batch_size,
+        batch_format="pyarrow",
+        concurrency=workers,
+    )
+    return pa.concat_tables(predictions.iter_batches(batch_format="pyarrow", batch_size=None))

@@ -11,7 +11,7 @@ state. A failed worker restarts the group from the newest complete checkpoint, u
 from __future__ import annotations
 
 import os
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.build import KEEP_FILE, VOCAB_FILE, run_checkpoint, save_vocabularies
+from pipelines.console import LOGS_DIR, TreeMemory, chatter_to, follow_run, say, verbosity
 from pipelines.train.curve import CURVE_FILE, plot_learning_curve
-from pipelines.train.meter import METRICS_FILE, progress_bar
+from pipelines.train.meter import METRICS_FILE
 from pipelines.train.run_folder import RunFolder
 from pipelines.train.split import count_rows, make_split
 from pipelines.train.worker import train_worker
@@ -65,15 +66,20 @@ def start_ray(address: str | None, workers: int) -> None:
 
     The local Ray advertises at least one logical CPU per training worker plus two, so
     Ray Data's read tasks are never starved by workers that hold every CPU (on a 2-core
-    machine, 2 workers would otherwise deadlock the stream that feeds them).
+    machine, 2 workers would otherwise deadlock the stream that feeds them). Unless
+    --verbose, Ray neither forwards its workers' output nor sets up its own console
+    logging (`pipelines.console`).
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    verbose = verbosity() == "verbose"
+    quiet = {"log_to_driver": verbose, "configure_logging": verbose}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=False)
+        cpus = max(os.cpu_count() or 1, workers + 2)
+        ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -110,18 +116,25 @@ def train(
             f"optembed.stage: retrain needs the supernet's row masks in {run_dir / KEEP_FILE}; "
             "start retraining with `recsys retrain CONF`"
         )
+    started = time.perf_counter()
     with RunFolder(run_dir, cfg, resume) as folder:
+        chatter_to(run_dir / LOGS_DIR / "driver.log")
+        say(f"train {cfg.name}: {cfg.model.name}, {cfg.train.workers} worker(s), run {run_dir}")
         skipped = preflight(cfg)
         split = make_split(cfg)
+        rows, valid_rows = count_rows(split)
+        say(f"logs checked: {rows:,} training rows, {valid_rows or 0:,} validation rows")
         if not (run_dir / VOCAB_FILE).exists():
             vocabularies = build_vocabularies(cfg, split.training_rows())
             save_vocabularies(run_dir, vocabularies)
+            say(f"vocabularies built for {len(vocabularies)} table(s)")
         folder.write_config()
         # Ray Train's snapshot lists every checkpoint it was given, also those the workers
         # pruned since; a new controller refuses to start on it. A resumed run picks its
         # checkpoint from the run folder itself (worker.train_worker), so it is dropped.
         (run_dir / RAY_CHECKPOINT_SNAPSHOT).unlink(missing_ok=True)
         start_ray(address, cfg.train.workers)
+        say(f"Ray started in {time.perf_counter() - started:.1f} s; training")
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={
@@ -130,7 +143,8 @@ def train(
                 "skipped_rows": skipped.total,
                 "has_valid": split.valid_files is not None,
                 # every row an epoch should read, bad ones included: workers count the rest
-                "train_rows": count_rows(split)[0],
+                "train_rows": rows,
+                "verbose": verbosity() == "verbose",
             },
             scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -145,7 +159,8 @@ def train(
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             ),
         )
-        with progress_bar(run_dir / METRICS_FILE, enabled=sys.stderr.isatty()):
+        memory = TreeMemory()
+        with follow_run(run_dir, METRICS_FILE, memory):
             result = trainer.fit()
         plot_learning_curve(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
         summary = {
@@ -153,6 +168,9 @@ def train(
             "checkpoint": str(run_checkpoint(run_dir)),  # the best, which readers take
             "metrics": result.metrics,
             "skipped_rows": skipped.as_dict(),
+            "seconds": time.perf_counter() - started,
+            "peak_tree_rss_bytes": memory.peak,
+            "logs": str(run_dir / LOGS_DIR),
         }
         folder.write_result(summary)
     return summary

@@ -1,24 +1,18 @@
-"""What a training run tells people while it runs: rank 0's metrics file and the driver's
-progress bar that follows it."""
+"""Rank 0's running figures and the metrics file the driver follows (pipelines.console)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from recsys.metrics import auc
 
 METRICS_FILE = "metrics.jsonl"
-_BAR_FIELDS = ("loss", "running_auc", "examples_per_s")
 
 
 class Meter:
@@ -59,41 +53,3 @@ class Meter:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as out:
             out.write(json.dumps(record, default=float) + "\n")
-
-
-@contextlib.contextmanager
-def progress_bar(metrics: Path, enabled: bool) -> Iterator[None]:
-    """On a terminal, a bar on the driver that follows rank 0's `metrics.jsonl`.
-
-    The workers' own output reaches the driver line by line, which no bar survives; the
-    metrics file is what rank 0 writes at every log interval anyway.
-    """
-    if not enabled:
-        yield
-        return
-    stop = threading.Event()
-    start = metrics.stat().st_size if metrics.exists() else 0
-
-    def follow() -> None:
-        with tqdm(desc=f"train {metrics.parent.name}", unit="step") as bar:
-            offset = start
-            while not stop.wait(1.0):
-                if not metrics.exists():
-                    continue
-                with metrics.open() as f:
-                    f.seek(offset)
-                    lines = f.readlines()
-                    offset = f.tell()
-                for line in lines:
-                    record = json.loads(line)
-                    if "step" in record:
-                        bar.update(record["step"] - bar.n)
-                        bar.set_postfix({k: f"{record[k]:.4g}" for k in _BAR_FIELDS if k in record})
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from pipelines.build import build_model, load_keep_masks, load_vocabularies, table_sharding
+from pipelines.console import RunLines, worker_output
 from pipelines.train.checkpoint import (
     checkpoint_name,
     checkpoint_step,
@@ -180,6 +181,13 @@ def _report(
         prune_checkpoints(run_dir, keep, protect=monitor.best_checkpoint)
 
 
+def _line(figures: dict[str, Any]) -> str:
+    """`step=40 loss=0.5123 ... examples_per_s=35,440`: rates in whole units."""
+    return " ".join(
+        f"{k}={v:,.0f}" if k.endswith("_per_s") else f"{k}={v:.4g}" for k, v in figures.items()
+    )
+
+
 def _resume_from(run_dir: Path) -> Path | None:
     """The complete checkpoint of the highest step among Ray's (after a worker failure)
     and the run folder's, else None (a new run). Rank 0 chooses, every rank takes it.
@@ -196,7 +204,7 @@ def _resume_from(run_dir: Path) -> Path | None:
             if reason is None:
                 candidates.append(Path(given.path))
             else:
-                print(f"skipping incomplete checkpoint {given.path}: {reason}", flush=True)
+                RunLines(run_dir, True)(f"skipping incomplete checkpoint {given.path}: {reason}")
         with contextlib.suppress(FileNotFoundError):  # a new run: none written yet
             candidates.append(newest_complete(run_dir))
         if candidates:
@@ -213,6 +221,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    worker_output(run_dir, rank, loop_config["verbose"])
+    say = RunLines(run_dir, enabled=rank == 0)  # the lines the driver's console shows
     device = _device(cfg)
     torch.manual_seed(cfg.train.seed)
 
@@ -255,9 +265,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         start = resume_position(progress, world, t.batch_size)
         if rank == 0:
             how = "exactly" if exact and start.note is None else "approximately (see the log)"
-            print(f"resumed {how} from {source} at step {progress['step']}", flush=True)
+            say(f"resumed {how} from {source} at step {progress['step']}")
             if start.note:
-                print(f"data position: {start.note}", flush=True)
+                say(f"data position: {start.note}")
             meter.write({"resumed_step": progress["step"], "checkpoint": str(source)})
             if start.note:
                 meter.write({"data_position": start.note})
@@ -285,7 +295,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             mark = " (best)" if best else f" ({monitor.since_best} since the best)"
             if not best and t.lr_decay:
                 mark += f", learning rates x{monitor.lr_scale:.3g}"
-            print(" ".join(f"{k}={v:.4g}" for k, v in shown.items()) + mark, flush=True)
+            say(_line(shown) + mark)
 
     # A due checkpoint is written just before the next step, so that the end of training
     # (which always checkpoints) never writes the same step twice.
@@ -321,9 +331,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 interval = meter.snapshot(step, epoch)
                 tables = table_report(_tables_of(dmp.module), gloo) if collisionless else {}
                 if rank == 0:
-                    print(" ".join(f"{k}={v:.4g}" for k, v in interval.items()), flush=True)
+                    say(_line(interval))
                     if tables:
-                        print(format_report(tables), flush=True)
+                        say(format_report(tables))
                     meter.write({**interval, **({"tables": tables} if tables else {})})
             checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
             if valid_shard is not None and t.validate_every and step % t.validate_every == 0:
@@ -337,10 +347,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             unread = _unread_rows(pulled, loop_config["train_rows"], device)
             if unread and rank == 0:
                 meter.write({"epoch": epoch, "rows_unread": unread})
-                print(
+                say(
                     f"epoch {epoch}: {unread:,} of {loop_config['train_rows']:,} training "
-                    f"rows unread (Ray Data's equal split over {world} workers drops them)",
-                    flush=True,
+                    f"rows unread (Ray Data's equal split over {world} workers drops them)"
                 )
             progress = position(progress["step"], epoch + 1, 0, 0, world, t.batch_size)
             if valid_shard is not None and monitor.validated_step != progress["step"]:
@@ -372,5 +381,5 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         final["tables"] = table_report(_tables_of(dmp.module), gloo)
     if rank == 0:
         meter.write({"final": True, **final})
-        print("final " + json.dumps(final, default=float), flush=True)
+        print("final " + json.dumps(final, default=float), flush=True)  # the worker's log
     report(final)

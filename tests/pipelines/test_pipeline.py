@@ -79,6 +79,20 @@ def test_evaluate_matches_sklearn_on_the_models_predictions(trained) -> None:
     assert (Path(result["run_dir"]) / "eval" / "report.png").stat().st_size > 10_000
 
 
+def test_evaluate_in_one_process_equals_the_ray_actors(trained) -> None:
+    """One worker scores in the command's own process, without Ray; two Ray Data actors
+    score the same rows to the same numbers."""
+    _, tmp, result = trained
+    on_ray = evaluate(result["run_dir"], workers=2, report_dir=tmp / "eval_ray")
+    here = evaluate(result["run_dir"], workers=1, report_dir=tmp / "eval_here")
+    assert here.keys() == on_ray.keys()
+    for key, value in on_ray.items():
+        if isinstance(value, float):
+            assert here[key] == pytest.approx(value, abs=1e-9), key
+        else:
+            assert here[key] == value, key
+
+
 def test_export_scores_exactly_what_the_trained_model_scores(trained) -> None:
     cfg, tmp, result = trained
     data = tmp / "log" / HELD_OUT_DAY

@@ -135,7 +135,8 @@ def test_predict_reports_metrics_with_gauc_and_refuses_them_without_labels(
 ) -> None:
     _, cfg, table, root = exported
     export_dir = str(root / "export")
-    main(["predict", "--export", export_dir, "--data", str(root / "log.parquet"), "--with-metrics"])
+    log = str(root / "log.parquet")
+    main(["predict", "--export", export_dir, "--data", log, "--with-metrics", "--json"])
     report = json.loads(capsys.readouterr().out)
     scored = ServingModel(root / "export").predict(root / "log.parquet")
     reference = evaluate_predictions(

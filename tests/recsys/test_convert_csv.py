@@ -224,6 +224,7 @@ def test_cli_convert_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             str(tmp_path / "a"),
             "--spec",
             str(write_text(tmp_path / "s.yaml", SPEC)),
+            "--json",
         ]
     )
     assert json.loads(capsys.readouterr().out)["rows"] == 4

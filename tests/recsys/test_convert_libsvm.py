@@ -193,11 +193,12 @@ def test_cli_convert_libsvm_and_libfm(tmp_path: Path, capsys: pytest.CaptureFixt
             "1,3",
             "--rows-per-day",
             "2",
+            "--json",
         ]
     )
     assert json.loads(capsys.readouterr().out)["days"] == 2
     libfm = str(write_text(tmp_path / "a.ffm", LIBFM))
-    main(["convert", "libfm", libfm, "--out", str(tmp_path / "f"), "--numeric", "2"])
+    main(["convert", "libfm", libfm, "--out", str(tmp_path / "f"), "--numeric", "2", "--json"])
     assert json.loads(capsys.readouterr().out)["rows"] == 4
     assert read_log(tmp_path / "f").column("f2").to_pylist() == [0.25, None, 1.5, None]
     with pytest.raises(SystemExit):

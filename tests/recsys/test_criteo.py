@@ -243,7 +243,7 @@ def test_converted_log_meets_the_criteo_contract(tmp_path: Path) -> None:
 
 def test_cli_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    main(["convert", "criteo", str(TSV), "--out", str(out), "--rows-per-day", "100"])
+    main(["convert", "criteo", str(TSV), "--out", str(out), "--rows-per-day", "100", "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert (summary["rows"], summary["days"]) == (200, 2)
     assert summary["rows_per_s"] > 0

@@ -199,6 +199,6 @@ def test_cache_and_hash_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_cli_convert_movielens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     wheel = _wheel(tmp_path / WHEEL)
-    main(["convert", "movielens", "--out", str(tmp_path / "ml"), "--wheel", str(wheel)])
+    main(["convert", "movielens", "--out", str(tmp_path / "ml"), "--wheel", str(wheel), "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["ratings"] == 8 and summary["sequence"]["rows"] == 8

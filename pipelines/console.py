@@ -1,0 +1,235 @@
+"""What a command prints, and where everything else goes.
+
+The console carries the run's own lines: what is being done, one line per logging
+interval, the validation lines and a closing summary table. Library chatter (torchrec's
+planner, fbgemm, gloo, Ray, Python warnings) goes to `<run>/logs/`: `driver.log` for the
+command's process, `worker-<rank>.log` for each training worker (its file descriptors, as
+fbgemm and gloo write there directly). Ray does not forward worker output to the driver
+(`log_to_driver` off): rank 0 appends its lines to `logs/console.log`, which the driver
+follows and prints, so that each line appears once. `--verbose` leaves everything where
+the libraries put it; `--quiet` keeps errors and the summary only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+from tqdm import tqdm
+
+Verbosity = Literal["quiet", "normal", "verbose"]
+LOGS_DIR = "logs"
+CONSOLE_FILE = "console.log"
+
+_verbosity: Verbosity = "normal"
+
+
+def set_verbosity(verbosity: Verbosity) -> None:
+    global _verbosity
+    _verbosity = verbosity
+
+
+def verbosity() -> Verbosity:
+    return _verbosity
+
+
+def say(line: str) -> None:
+    """One of the command's own lines: on the console (unless quiet) and in the log."""
+    logging.getLogger("recsys").info(line)
+    if _verbosity != "quiet":
+        tqdm.write(line, file=sys.stdout)
+
+
+def chatter_to(log_file: Path | None) -> None:
+    """Python logging (Ray's loggers included) and warnings into `log_file` rather than
+    onto the console; with --verbose (or no file), nothing moves."""
+    if _verbosity == "verbose" or log_file is None:
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    for name in list(logging.root.manager.loggerDict):
+        if name == "ray" or name.startswith("ray."):  # Ray attaches its own stderr handlers
+            logger = logging.getLogger(name)
+            logger.handlers = []
+            logger.propagate = True
+
+
+def run_log(checkpoint: str | Path, command: str) -> Path | None:
+    """`logs/<command>.log` of the run a `--checkpoint` argument names (a run or one of
+    its checkpoints); None when there is no such run, whose error comes next."""
+    path = Path(checkpoint)
+    run = path.parent if path.name.startswith("checkpoint_") else path
+    return run / LOGS_DIR / f"{command}.log" if run.is_dir() else None
+
+
+def worker_output(run_dir: Path, rank: int, verbose: bool) -> None:
+    """Point this worker process's stdout, stderr and logging at `logs/worker-<rank>.log`
+    (the descriptors themselves: fbgemm's and gloo's C++ write there), unless verbose."""
+    if verbose:
+        return
+    path = run_dir / LOGS_DIR / f"worker-{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    chatter_to(path)
+
+
+class RunLines:
+    """Rank 0's console lines: appended to `logs/console.log` for the driver to print,
+    and printed here (into the worker's log, or forwarded by Ray when verbose)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.path = run_dir / LOGS_DIR / CONSOLE_FILE
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, line: str) -> None:
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        with self.path.open("a") as out:
+            out.write(line + "\n")
+
+
+class TreeMemory:
+    """Peak resident memory of this process and all its descendants (a local Ray's
+    raylet, workers and object store included), sampled by `follow_run`."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._process = psutil.Process()
+
+    def sample(self) -> None:
+        total = 0
+        for process in [self._process, *self._process.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+        self.peak = max(self.peak, total)
+
+
+def _new_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    if not path.exists():
+        return [], offset
+    with path.open() as f:
+        f.seek(offset)
+        lines = f.readlines()
+        return lines, f.tell()
+
+
+@contextlib.contextmanager
+def follow_run(run_dir: Path, metrics_file: str, memory: TreeMemory) -> Iterator[None]:
+    """While training runs: print rank 0's new console lines once each, draw a step bar
+    from `metrics_file` on a terminal, and sample the process tree's memory."""
+    console = run_dir / LOGS_DIR / CONSOLE_FILE
+    metrics = run_dir / metrics_file
+    offsets = [p.stat().st_size if p.exists() else 0 for p in (console, metrics)]
+    show = _verbosity == "normal"  # verbose: Ray forwards the workers' own prints
+    bar_on = show and sys.stderr.isatty()
+    stop = threading.Event()
+
+    def poll(bar: tqdm | None) -> None:
+        memory.sample()
+        lines, offsets[0] = _new_lines(console, offsets[0])
+        for line in lines if show else []:
+            tqdm.write(line.rstrip("\n"), file=sys.stdout)
+        records, offsets[1] = _new_lines(metrics, offsets[1])
+        for record in (json.loads(r) for r in records):
+            if bar is not None and "loss" in record and "final" not in record:
+                bar.update(record["step"] - bar.n)
+
+    def loop() -> None:
+        with tqdm(desc="train", unit="step", disable=not bar_on, leave=False) as bar:
+            while not stop.wait(0.5):
+                poll(bar if bar_on else None)
+            poll(None)  # the last lines, written as the run ended
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def table(title: str, rows: list[tuple[str, Any]]) -> str:
+    """A two-column summary table; rows whose value is None are left out."""
+    shown = [(k, _format(v)) for k, v in rows if v is not None]
+    width = max((len(k) for k, _ in shown), default=0)
+    rule = "-" * max(len(title), *(width + 2 + len(v) for _, v in shown))
+    return "\n".join([title, rule, *(f"{k.ljust(width)}  {v}" for k, v in shown)])
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def mebibytes(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def seconds(t: float) -> str:
+    return f"{t:.1f} s" if t < 120 else f"{t / 60:.1f} min"
+
+
+def report(title: str, data: dict[str, Any]) -> str:
+    """A command's JSON-ready result as text: scalars (and small lists) in a two-column
+    table, each list of records or mapping of records as a table of its own."""
+    scalars = [(k, v) for k, v in data.items() if not _is_records(v)]
+    blocks = [table(title, [(k, _short(v)) for k, v in scalars])]
+    for key, value in data.items():
+        if _is_records(value):
+            rows = value if isinstance(value, list) else [{key: k, **v} for k, v in value.items()]
+            blocks.append(_columns(key, rows))
+    return "\n\n".join(blocks)
+
+
+def _is_records(value: Any) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, dict) for v in value)
+    values = value.values() if isinstance(value, dict) else ()
+    return bool(values) and all(isinstance(v, dict) for v in values)
+
+
+def _short(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_format(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return ", ".join(_format(v) for v in value) or "none"
+    return value
+
+
+def _columns(title: str, rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[_format(_short(row.get(k, ""))) for k in keys] for row in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
+    header = line(keys)
+    return "\n".join([title, "-" * len(header), header, *(line(c) for c in cells)])

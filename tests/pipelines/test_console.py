@@ -1,0 +1,59 @@
+"""The console of `recsys train`: the run's own lines once each and a summary table, the
+libraries' chatter in the run's log files; `--verbose` brings it back, `--json` prints
+the result for machines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys.synth import generate
+from tests.pipelines.runs import REPO, SMALL_CTR, run_config
+
+RECSYS = Path(sys.executable).with_name("recsys")
+CHATTER = "GreedyPerfPartitioner"  # torchrec's sharding planner, a hundred lines a run
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("console")
+    generate(run_config("demo.yaml", tmp, *SMALL_CTR), rows=6_000, out=tmp / "log")
+    return tmp
+
+
+def _train(tmp: Path, name: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    overrides = [f"data.train={tmp / 'log'}", f"train.run_dir={tmp / 'runs'}", f"name={name}"]
+    command = [str(RECSYS), "train", "conf/demo.yaml", *SMALL_CTR, *overrides, *flags]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_the_console_shows_the_runs_lines_once_and_a_summary(log: Path) -> None:
+    done = _train(log, "plain", "train.log_every=2")
+    lines = done.stdout.splitlines()
+    run = log / "runs" / "plain"
+    own = (run / "logs" / "console.log").read_text().splitlines()
+    assert own and all(lines.count(line) == 1 for line in own)  # each once, none lost
+    assert len(lines) + len(done.stderr.splitlines()) <= len(own) + 30
+    assert "train plain: done" in lines
+    summary = lines[lines.index("train plain: done") :]
+    best = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    auc = [r["valid_auc"] for r in best if r.get("best") is True][-1]
+    assert any(line.split() == ["valid", "AUC", f"{auc:.4f}"] for line in summary)
+    assert CHATTER not in done.stdout + done.stderr
+    assert CHATTER in (run / "logs" / "worker-0.log").read_text()
+    assert "Started a local Ray instance" in (run / "logs" / "driver.log").read_text()
+
+
+def test_verbose_shows_the_libraries_and_json_is_for_machines(log: Path) -> None:
+    done = _train(log, "loud", "--verbose", "--json")
+    assert CHATTER in done.stdout + done.stderr
+    start = ("\n" + done.stdout).rindex("\n{\n")  # the result, after the forwarded lines
+    result, _ = json.JSONDecoder().raw_decode(done.stdout[start:])
+    assert result["run_dir"] == str(log / "runs" / "loud")
+    assert result["peak_tree_rss_bytes"] > 0
