@@ -54,8 +54,28 @@ def _cmd_validate(args: argparse.Namespace) -> None:
         t.num_rows
         for t in read_validated(data, cfg.features, 262_144, cfg.data.on_bad_rows, skipped)
     )
-    result = {"data": str(data), "valid_rows": rows, "skipped": skipped.as_dict()}
+    result = {
+        "data": str(data),
+        "valid_rows": rows,
+        "skipped": skipped.as_dict(),
+        "columns_not_read": _columns_not_read(data, cfg.features.column_names()),
+    }
     _show(args, f"validate: {data}", result)
+
+
+def _columns_not_read(data: str | Path, read: list[str]) -> dict[str, int]:
+    """Columns of the log that no feature names, with the number of files holding each:
+    ignored by every reader, and worth a look in case one is a misspelt feature."""
+    import pyarrow.parquet as pq
+
+    from recsys.logs import parquet_files
+
+    counts: dict[str, int] = {}
+    for file in parquet_files(data):
+        for name in pq.read_schema(file).names:
+            if name not in read:
+                counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _cmd_train(args: argparse.Namespace) -> None:

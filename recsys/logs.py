@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config import FeaturesConfig
-from recsys.contract import BadRowCounts, check_schema, validate_table
+from recsys.contract import BadInputError, BadRowCounts, check_schema, validate_table
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -36,6 +37,13 @@ def parquet_files(path: str | Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{path}: no .parquet files under this directory")
     return files
+
+
+def scan_log(files: list[Path] | list[str]) -> pl.LazyFrame:
+    """The log's files as one polars frame. Columns the contract does not name may come
+    and go between files (a log gains a column one day): they are never read, so they are
+    ignored rather than refused; the contract's own columns are checked per file before."""
+    return pl.scan_parquet([str(f) for f in files], hive_partitioning=False, extra_columns="ignore")
 
 
 def _visible(path: Path) -> bool:
@@ -65,14 +73,22 @@ def read_validated(
     `optional` columns (`recsys.contract.traffic_optional`) may be absent from the files.
     """
     for file in parquet_files(path):
-        parquet = pq.ParquetFile(file)
+        try:
+            parquet = pq.ParquetFile(file)
+        except (pa.ArrowException, OSError) as err:
+            raise BadInputError(f"{file}: not a readable Parquet file ({err})") from None
         schema = parquet.schema_arrow
         check_schema(schema, features, str(file), optional)
         columns = [c for c in features.column_names() if c in schema.names or c not in optional]
         offset = 0
         for group in range(parquet.num_row_groups):
             # Whole row groups decode faster than `iter_batches`; slices are zero-copy.
-            rows = parquet.read_row_group(group, columns=columns)
+            try:
+                rows = parquet.read_row_group(group, columns=columns)
+            except (pa.ArrowException, OSError) as err:
+                raise BadInputError(
+                    f"{file}: row group {group} cannot be read ({err}); the file is damaged"
+                ) from None
             for start in range(0, rows.num_rows, batch_size):
                 table = rows.slice(start, batch_size)
                 clean, counts = validate_table(

@@ -8,14 +8,14 @@ from typing import Any
 import polars as pl
 
 from recsys.config import ExperimentConfig
-from recsys.logs import parquet_files
+from recsys.logs import parquet_files, scan_log
 
 
 def log_statistics(cfg: ExperimentConfig, path: str | Path) -> dict[str, Any]:
     """Rows, days, click rate per day, distinct IDs and bag/history lengths per feature."""
     f = cfg.features
     files = [str(p) for p in parquet_files(path)]
-    log = pl.scan_parquet(files, hive_partitioning=False)
+    log = scan_log(files)
     day = (pl.col(f.timestamp) // 86_400 * 86_400 * 1000).cast(pl.Datetime("ms")).dt.date()
     per_day = (
         log.group_by(day.alias("day"))

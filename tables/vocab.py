@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from recsys.config import ExperimentConfig, TableConfig
-from recsys.logs import parquet_files
+from recsys.logs import parquet_files, scan_log
 
 
 def _ids_of(feature_names: list[str], multi: set[str]) -> list[pl.Expr]:
@@ -28,10 +28,7 @@ def build_vocabularies(
     With `num_embeddings` set, the most frequent `num_embeddings - 1` IDs are kept (row 0
     is the out-of-vocabulary row).
     """
-    if isinstance(rows, pl.LazyFrame):
-        log = rows
-    else:
-        log = pl.scan_parquet([str(p) for p in parquet_files(rows)], hive_partitioning=False)
+    log = rows if isinstance(rows, pl.LazyFrame) else scan_log(parquet_files(rows))
     multi = {f.name for f in cfg.features.sparse if f.multi_valued}
     multi |= {s.name for s in cfg.features.sequences}
     out: dict[str, np.ndarray] = {}

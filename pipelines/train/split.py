@@ -16,7 +16,7 @@ import pyarrow as pa
 import ray.data
 
 from recsys.config import ConfigError, ExperimentConfig
-from recsys.logs import parquet_files
+from recsys.logs import parquet_files, scan_log
 
 DAY = 86_400
 _U64 = pl.UInt64
@@ -33,7 +33,7 @@ class Split:
 
     def training_rows(self) -> pl.LazyFrame:
         """The training rows as a lazy polars scan (vocabularies count only these)."""
-        log = pl.scan_parquet(self.train_files, hive_partitioning=False)
+        log = scan_log(self.train_files)
         return log if self.held_out is None else log.filter(~self.held_out.fill_null(False))
 
     def datasets(self, columns: list[str]) -> dict[str, ray.data.Dataset]:
@@ -69,7 +69,7 @@ def make_split(cfg: ExperimentConfig) -> Split:
 def _day_cutoff(cfg: ExperimentConfig, files: list[str]) -> int:
     """First second of the newest `valid_days` UTC days."""
     ts = cfg.features.timestamp
-    span = pl.scan_parquet(files, hive_partitioning=False).select(
+    span = scan_log(files).select(
         pl.col(ts).min().alias("oldest"), pl.col(ts).max().alias("newest")
     )
     oldest, newest = span.collect().row(0)
@@ -111,7 +111,7 @@ def _newest_per_user(cfg: ExperimentConfig, files: list[str]) -> pl.Expr:
     user, ts = cfg.features.user_id, cfg.features.timestamp
     assert user is not None  # the config refuses leave_last without features.user_id
     newest = (
-        pl.scan_parquet(files, hive_partitioning=False)
+        scan_log(files)
         .group_by(user)
         .agg(pl.col(ts).max().alias("newest"), pl.col(ts).min().alias("oldest"))
         .filter(pl.col("newest") > pl.col("oldest"))
@@ -148,7 +148,7 @@ def count_rows(split: Split) -> tuple[int, int | None]:
     train = split.training_rows().select(pl.len()).collect().item()
     if split.valid_files is None:
         return train, None
-    valid = pl.scan_parquet(split.valid_files, hive_partitioning=False)
+    valid = scan_log(split.valid_files)
     if split.held_out is not None:
         valid = valid.filter(split.held_out.fill_null(False))
     return train, valid.select(pl.len()).collect().item()

@@ -10,10 +10,13 @@ import polars as pl
 import pytest
 import ray
 
-from pipelines.train.split import DAY, _splitmix64, make_split
+from pipelines.train.driver import preflight
+from pipelines.train.split import DAY, _splitmix64, count_rows, make_split
 from recsys.config import ExperimentConfig, config_from_dict
+from recsys.contract import BadInputError
 from recsys.logs import parquet_files
 from recsys.synth.common import splitmix64
+from tables.vocab import build_vocabularies
 
 ROWS = 4_000
 
@@ -145,3 +148,40 @@ def test_ray_streams_partition_the_log_as_polars_does(log: Path, split: str) -> 
         ray.shutdown()
     assert _rows(valid) == _rows(_held_out(cfg))
     assert sorted(_rows(train) + _rows(valid)) == _rows(_whole(log))
+
+
+def test_columns_no_feature_names_may_differ_between_files(log: Path, tmp_path: Path) -> None:
+    """A log that gains a column one day: every reader (polars counts and vocabularies,
+    Ray Data's streams) reads the contract's columns and ignores the rest."""
+    whole = _whole(log)
+    (tmp_path / "log").mkdir()
+    whole[: ROWS // 2].write_parquet(tmp_path / "log" / "a.parquet")
+    later = whole[ROWS // 2 :].with_columns(pl.lit("x").alias("campaign"))
+    later.write_parquet(tmp_path / "log" / "b.parquet")
+    cfg = _cfg(tmp_path, split="random")
+    plain = make_split(_cfg(log, split="random"))
+    split = make_split(cfg)
+    assert count_rows(split) == count_rows(plain)
+    vocab = build_vocabularies(cfg, split.training_rows())
+    assert all(
+        np.array_equal(vocab[k], v)
+        for k, v in build_vocabularies(cfg, plain.training_rows()).items()
+    )
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        datasets = split.datasets(["timestamp", "user_id", "item", "label"])
+        streamed = sum(datasets[k].count() for k in ("train", "valid"))
+    finally:
+        ray.shutdown()
+    assert streamed == ROWS
+
+
+def test_a_damaged_file_is_named_before_any_work(log: Path, tmp_path: Path) -> None:
+    (tmp_path / "log").mkdir()
+    for name in ("a.parquet", "b.parquet"):
+        (tmp_path / "log" / name).write_bytes((log / "log" / name).read_bytes())
+    damaged = tmp_path / "log" / "b.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:5_000])
+    cfg = _cfg(tmp_path)
+    with pytest.raises(BadInputError, match=rf"{damaged}: not a readable Parquet file"):
+        preflight(cfg)
