@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from functools import partial
 
+import psutil
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
@@ -215,12 +216,17 @@ def plan_sharding(
     """Plan on rank 0 and broadcast, so that every rank shards identically.
 
     The topology's local world size is torchrec's own (LOCAL_WORLD_SIZE), the value its
-    table-row-wise sharding uses to form the intra-node groups the plan must match.
+    table-row-wise sharding uses to form the intra-node groups the plan must match; on CPU
+    its host memory (DDR) is the real one, shared by the host's ranks, not torchrec's
+    default of 128 GiB per rank.
     """
     world_size = pg.size()
+    local = get_local_size(world_size)
+    # On CPU the ranks of a host share its memory: each may plan for its part of it.
+    host = psutil.virtual_memory().total // local if device.type == "cpu" else None
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(
-            world_size=world_size, local_world_size=get_local_size(world_size)
+            world_size=world_size, local_world_size=local, ddr_cap_bytes=host
         ),
         kernel_config=KernelConfig(compute_device=device.type),
     )

@@ -15,13 +15,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import ray.train
 import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.build import KEEP_FILE, VOCAB_FILE, run_checkpoint, save_vocabularies
+from pipelines.build import (
+    KEEP_FILE,
+    VOCAB_FILE,
+    build_model,
+    load_keep_masks,
+    load_vocabularies,
+    run_checkpoint,
+    save_vocabularies,
+)
 from pipelines.console import LOGS_DIR, TreeMemory, chatter_to, follow_run, say, verbosity
 from pipelines.train.curve import CURVE_FILE, plot_learning_curve
 from pipelines.train.meter import METRICS_FILE
@@ -31,6 +40,7 @@ from pipelines.train.worker import train_worker
 from recsys.config import ConfigError, ExperimentConfig
 from recsys.contract import BadRowCounts
 from recsys.logs import read_validated
+from tables.footprint import check_fits, table_bytes
 from tables.vocab import build_vocabularies
 
 
@@ -95,6 +105,22 @@ def _in_order() -> DataConfig:
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's name
 
 
+def _check_host_memory(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Refuse, before Ray starts, tables that this host cannot hold (the workers of a
+    local run share it), with the sizes; the planner is told the same memory per rank."""
+    model = build_model(
+        cfg,
+        load_vocabularies(run_dir),
+        table_device=torch.device("meta"),
+        keep=load_keep_masks(run_dir),
+    )
+    sizes = table_bytes(model, cfg.train.sparse_optimizer)
+    try:
+        check_fits(sizes, psutil.virtual_memory().available, "this host")
+    except MemoryError as err:
+        raise ConfigError(f"tables: {err}") from None
+
+
 def train(
     cfg: ExperimentConfig, address: str | None = None, resume: bool = False
 ) -> dict[str, Any]:
@@ -128,6 +154,8 @@ def train(
             vocabularies = build_vocabularies(cfg, split.training_rows())
             save_vocabularies(run_dir, vocabularies)
             say(f"vocabularies built for {len(vocabularies)} table(s)")
+        if not (address or os.environ.get("RAY_ADDRESS")):  # a cluster's hosts are not this one
+            _check_host_memory(cfg, run_dir)
         folder.write_config()
         # Ray Train's snapshot lists every checkpoint it was given, also those the workers
         # pruned since; a new controller refuses to start on it. A resumed run picks its
