@@ -49,8 +49,8 @@ demo: $(STAMP)
 	$(VENV)/bin/recsys export --checkpoint out/demo/runs/demo --out out/demo/export
 	$(VENV)/bin/recsys predict --export out/demo/export --data out/demo/log/day=2026-01-04 \
 		--with-metrics --out out/demo/predictions.parquet
-	$(PY) -c "import json; g = json.load(open('out/demo/log/_generator.json')); \
-		e = json.load(open('out/demo/runs/demo/eval/report.json')); \
+	$(PY) -c "import glob, json; g = json.load(open('out/demo/log/_generator.json')); \
+		e = json.load(open(sorted(glob.glob('out/demo/runs/demo/eval/*/report.json'))[-1])); \
 		print(f\"demo: held-out AUC {e['auc']:.4f}, generator's oracle AUC on that day \
 		{g['oracle_auc_per_day']['2026-01-04']:.4f}\")"
 

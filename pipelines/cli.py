@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipelines.console import chatter_to, report, run_log, set_verbosity
 from pipelines.convert_cli import add_convert_commands
@@ -122,10 +123,20 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from pipelines.export.writer import export
 
     chatter_to(run_log(args.checkpoint, "export"))
-    result = export(
-        args.checkpoint, args.out, dtype=args.dtype, since=args.since, newest=args.newest
-    )
-    _show(args, f"export: {args.out}", result)
+    out = args.out or _run_config(args.checkpoint).export.out
+    if out is None:
+        raise ConfigError("export: give --out DIR, or set export.out in the experiment's config")
+    result = export(args.checkpoint, out, dtype=args.dtype, since=args.since, newest=args.newest)
+    _show(args, f"export: {out}", result)
+
+
+def _run_config(checkpoint: str) -> Any:
+    """The config a run (or one of its checkpoints) was trained with."""
+    path = Path(checkpoint)
+    run = path.parent if path.name.startswith("checkpoint_") else path
+    if not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{checkpoint}: no run here (it has no config.yaml)")
+    return load_config(run / "config.yaml")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -245,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write tables and the dense model for serving")
     with_checkpoint(p)
-    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("--out", help="export directory (default: the config's export.out)")
     p.add_argument("--dtype", choices=["float32", "float16", "int8"], help="table storage")
     p.add_argument(
         "--since",

@@ -11,6 +11,7 @@ calibration).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,8 @@ def evaluate(
     newest: bool = False,
 ) -> dict[str, Any]:
     """Metrics of the run's best checkpoint (its newest with `newest`) on `data` (default:
-    the run's data.test); also written as JSON and PNG."""
+    the run's data.test); also written as JSON and PNG into `report_dir`, by default a new
+    folder per evaluation (`report_dir` in the result)."""
     cfg, _, progress = load_trained(run, newest)
     data = data or cfg.data.test
     if data is None:
@@ -78,9 +80,10 @@ def evaluate(
     probs = scored.column("prob").to_numpy()
     groups = scored.column("group").to_numpy() if "group" in scored.column_names else None
     metrics = evaluate_predictions(labels, probs, groups if cfg.eval.gauc else None)
-    out = Path(report_dir or cfg.eval.report_dir or Path(progress["run_dir"]) / "eval")
+    out = Path(report_dir) if report_dir else _new_folder(cfg, progress)
     out.mkdir(parents=True, exist_ok=True)
     report = {
+        "report_dir": str(out),
         "data": str(data),
         "checkpoint": progress["checkpoint"],
         "step": progress["step"],
@@ -90,6 +93,19 @@ def evaluate(
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     plot_report(metrics, labels, probs, out / "report.png")
     return report
+
+
+def _new_folder(cfg: Any, progress: dict[str, Any]) -> Path:
+    """`<eval.report_dir or run/eval>/step<k>-<UTC time>`: every evaluation keeps its own
+    report, so a later one never overwrites an earlier one."""
+    base = Path(cfg.eval.report_dir or Path(progress["run_dir"]) / "eval")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder = base / f"step{progress['step']}-{stamp}"
+    n = 1
+    while folder.exists():
+        n += 1
+        folder = base / f"step{progress['step']}-{stamp}-{n}"
+    return folder
 
 
 def _score_on_ray(data: str | Path, cfg: Any, checkpoint: str, workers: int) -> pa.Table:

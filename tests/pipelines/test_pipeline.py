@@ -76,7 +76,11 @@ def test_evaluate_matches_sklearn_on_the_models_predictions(trained) -> None:
     # Training scored the same rows through the sharded model in other batches: float32
     # sums in another order move probabilities by ulps, and the AUC by up to ~1e-7.
     assert report["auc"] == pytest.approx(result["metrics"]["valid_auc"], abs=1e-6)
-    assert (Path(result["run_dir"]) / "eval" / "report.png").stat().st_size > 10_000
+    folder = Path(report["report_dir"])
+    assert folder.parent == Path(result["run_dir"]) / "eval"
+    assert (folder / "report.png").stat().st_size > 10_000
+    again = evaluate(result["run_dir"])  # a later evaluation keeps the first one's report
+    assert again["report_dir"] != report["report_dir"] and (folder / "report.json").exists()
 
 
 def test_evaluate_in_one_process_equals_the_ray_actors(trained) -> None:
