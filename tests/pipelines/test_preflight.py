@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 import psutil
 import pytest
 import ray
@@ -67,3 +68,30 @@ def test_tables_the_host_cannot_hold_are_refused_before_ray_starts(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"tables: the embedding tables need [\d,.]+ GiB"):
         train(cfg)
     assert not ray.is_initialized()
+
+
+def test_an_epoch_ending_in_one_row_trains_with_batch_norm(tmp_path: Path) -> None:
+    """513 rows in batches of 256 end in a batch of one, on which BatchNorm cannot train:
+    it joins the batch before it, and every row is read."""
+    cfg = run_config("demo.yaml", tmp_path, *SMALL_CTR)
+    generate(cfg, rows=3_000, out=tmp_path / "log")
+    whole = pl.read_parquet(tmp_path / "log" / "**" / "*.parquet", hive_partitioning=False)
+    whole[:513].write_parquet(tmp_path / "train.parquet")
+    whole[513:1000].write_parquet(tmp_path / "valid.parquet")
+    cfg = run_config(
+        "demo.yaml",
+        tmp_path,
+        *SMALL_CTR,
+        f"data.train={tmp_path / 'train.parquet'}",
+        f"data.valid={tmp_path / 'valid.parquet'}",
+        "data.valid_days=1",  # the default: data.valid replaces the split
+        "train.workers=1",
+        "train.batch_size=256",
+        "model.batch_norm=true",
+    )
+    try:
+        result = train(cfg)
+    finally:
+        ray.shutdown()
+    assert result["metrics"]["step"] == 2  # 256, then 256 + 1
+    assert result["metrics"]["rows_unread_per_epoch"] == 0
