@@ -19,10 +19,10 @@ from itertools import accumulate
 from typing import NamedTuple
 
 import torch
-from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.hashing import derive_salt, mix64_
+from tables.transforms import IdTransform, ServedRows
 
 
 class HashProbe(NamedTuple):
@@ -37,7 +37,7 @@ class HashProbe(NamedTuple):
     divisor: int
 
 
-class VirtualFeatureTransform(nn.Module):
+class VirtualFeatureTransform(IdTransform):
     """Raw IDs of feature f -> rows for each of f's virtual features, in bulk tensor ops.
 
     Subclasses name the virtual features, give each a salt and turn its salted 64-bit
@@ -77,6 +77,10 @@ class VirtualFeatureTransform(nn.Module):
     def hash_probes(self) -> dict[str, HashProbe]:
         """Every virtual feature's lookup in the terms of the export format (`HashProbe`)."""
         raise NotImplementedError
+
+    def served_rows(self, table: str, weights: torch.Tensor) -> ServedRows:
+        """Every row; a reader recomputes each probe's row with `hash_probes`."""
+        return ServedRows.every_row(weights, "hash")
 
     def expand(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Raw IDs keyed by feature -> rows keyed by virtual feature.

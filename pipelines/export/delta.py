@@ -15,26 +15,47 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from recsys.serving.manifest import ExportError
 from recsys.serving.model import ServedTable
 from recsys.serving.schema import Manifest
-from tables.collisionless.transform import CollisionlessTransform
+from tables.transforms import IdTransform
 
 Previous = tuple[Manifest, dict[str, ServedTable]]  # the base's checked manifest and tables
 
 
-def collisionless_rows(
-    transform: CollisionlessTransform, entry: dict[str, Any], out: Path, previous: Previous | None
+def served_entry(
+    transform: IdTransform,
+    table: str,
+    weights: torch.Tensor,
+    entry: dict[str, Any],
+    previous: Previous | None,
+    out: Path,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(IDs, global rows) to write for the table `entry` describes: every live row, or with
-    a base export the rows trained since it, the base's IDs rowless now written as
-    deletions. Records the training steps seen, which the next incremental export reads."""
-    entry["lookup"] = "id"
-    entry["trained_steps"] = transform.steps
+    """(IDs, rows) to write for `table`, with the manifest fields of how a raw ID finds
+    them set in `entry`: what the table serves (`IdTransform.served_rows`), or, for a
+    table whose IDs come and go, with a base export the rows trained since it."""
+    served = transform.served_rows(table, weights)
+    entry["lookup"] = served.lookup
+    if served.num_rows is not None:
+        entry["num_rows"] = served.num_rows
+    if served.default is not None:
+        entry["default_embedding"] = served.default.tolist()
+    if not transform.dynamic_ids:
+        return served.ids.numpy(), served.rows.numpy()
+    entry["trained_steps"] = transform.steps  # what the next incremental export reads
     if previous is None:
-        ids, rows = transform.live_rows()
-        return ids.numpy(), rows.numpy()
+        return served.ids.numpy(), served.rows.numpy()
+    ids, rows = _delta_rows(transform, entry, out, previous)
+    return ids, weights[rows].numpy()
+
+
+def _delta_rows(
+    transform: IdTransform, entry: dict[str, Any], out: Path, previous: Previous
+) -> tuple[np.ndarray, np.ndarray]:
+    """(IDs, global rows) trained since the base export; the base's IDs rowless now are
+    written as deletions."""
     manifest, served = previous
     name = entry["name"]
     before = next((t for t in manifest.tables if t.name == name), None)

@@ -18,10 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tables.collisionless.transform import CollisionlessTransform
 from tables.optembed.embeddings import OptEmbedEmbeddings
 from tables.optembed.masks import Mode
-from tables.transforms import VocabularyLookup
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 ID_BYTES = 8  # int64 ID map entries
@@ -46,25 +44,21 @@ def compact_tables(
         for feature in spec.features:
             dim = int(dims[sparse.feature_names.index(feature)])
             keep = sparse.pooling.keep[feature].cpu()
-            default = torch.zeros(dim)
-            if isinstance(transform, CollisionlessTransform):
+            served = transform.served_rows(spec.name, weights)
+            if transform.dynamic_ids:
                 # Live admitted IDs; a retrain admits kept ones only, the check is cheap.
-                ids, live = transform.live_rows()
-                kept = torch.isin(ids, sparse.kept_ids[feature])
-                ids, rows = ids[kept], weights[live[kept], :dim]
-                default = transform.default.detach()[:dim]
-                lookup: dict[str, Any] = {"lookup": "id"}
-            elif isinstance(transform, VocabularyLookup):
-                oov = VocabularyLookup.OOV_ROW
-                if keep[oov]:
-                    default = weights[oov, :dim]
-                kept = keep[1:]
-                ids, rows = transform.ids[kept], weights[1:][kept, :dim]
-                lookup = {"lookup": "id"}
+                kept = torch.isin(served.ids, sparse.kept_ids[feature])
             else:
-                ids = torch.arange(spec.num_rows)[keep]
-                rows = weights[keep, :dim]
-                lookup = {"lookup": "modulo", "num_rows": spec.num_rows}
+                kept = keep[served.positions]
+            ids, rows = served.ids[kept], served.rows[kept, :dim]
+            default = torch.zeros(dim)
+            if served.default is not None and (
+                served.default_row is None or keep[served.default_row]
+            ):
+                default = served.default.detach()[:dim]
+            lookup: dict[str, Any] = {"lookup": served.lookup}
+            if served.lookup == "modulo":
+                lookup["num_rows"] = spec.num_rows
             name = spec.name if len(spec.features) == 1 else f"{spec.name}@{feature}"
             ids_np, rows_np = ids.numpy(), rows.contiguous().numpy()
             entries.append(

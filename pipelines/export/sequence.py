@@ -23,22 +23,23 @@ import torch.fx.experimental._config as fx_config
 
 from models.sequence_ranking import FlatSequenceModel, SequenceRankingModel
 from recsys.config import ExperimentConfig
-from tables.collisionless.sequence import SharedRowsTransform
 from tables.sequence import SequenceTableSpec
-from tables.transforms import VocabularyLookup
+from tables.transforms import IdTransform, ServedRows
 
 DEFAULT_MAX_HISTORY = 100_000
 
 
-CollisionlessRows = Callable[[SharedRowsTransform, dict[str, Any]], tuple[np.ndarray, np.ndarray]]
+# (transform, table, weights, entry) -> (IDs, rows) to write, the entry's lookup fields set:
+# all a table serves, or an incremental export's rows (pipelines.export.delta.served_entry)
+ServedEntry = Callable[[IdTransform, str, torch.Tensor, dict[str, Any]], tuple[Any, Any]]
 
 
 def sequence_tables(
-    model: SequenceRankingModel, write: Any, dtype: str, collisionless_rows: CollisionlessRows
+    model: SequenceRankingModel, write: Any, dtype: str, served_entry: ServedEntry
 ) -> list[dict[str, Any]]:
-    """Manifest entries of the sequence tables; `write(name, ids, rows)` stores a table and
-    `collisionless_rows(transform, entry)` picks a collisionless table's (IDs, rows): all
-    live ones, or those of an incremental export (pipelines.export.delta)."""
+    """Manifest entries of the sequence tables; `write(name, ids, rows)` stores a table,
+    `served_entry` picks its rows. Time-position tables (no ID transform) serve every row
+    by position."""
     seq = model.sequence
     fields = {seq.table_of(f, r).name: f for f in seq.fields for r in ("att", "rep")}
     entries = []
@@ -60,19 +61,13 @@ def sequence_tables(
             "pooling": "none",
             "dtype": dtype,
         }
-        transform = seq.transforms[field.transform] if field.transform else None
-        if isinstance(transform, SharedRowsTransform):  # live rows; the rest read the default
-            ids, live = collisionless_rows(transform, entry)
-            rows = weights[live]
-            entry["default_embedding"] = transform.defaults[spec.name].detach().tolist()
-        elif isinstance(transform, VocabularyLookup):
-            ids, rows = transform.ids.numpy(), weights[1:]
-            entry["lookup"] = "id"
-            entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()
+        if field.transform:
+            transform = seq.transforms[field.transform]
+            ids, rows = served_entry(transform, spec.name, weights, entry)
         else:
-            ids, rows = np.arange(spec.num_rows, dtype=np.int64), weights
-            entry["lookup"] = "modulo" if transform is not None else "position"
-            entry["num_rows"] = spec.num_rows
+            positions = ServedRows.every_row(weights, "position")
+            ids, rows = positions.ids.numpy(), weights.numpy()
+            entry.update(lookup="position", num_rows=spec.num_rows)
         entry["rows"] = len(ids)
         entry["bytes"] = int(rows.size * {"float32": 4, "float16": 2, "int8": 1}[dtype])
         entry.update(write(spec.name, ids, rows))
@@ -85,9 +80,9 @@ def _names(seq: Any, spec: SequenceTableSpec) -> set[str]:
     return {f.name for f in seq.fields for r in ("att", "rep") if seq.table_of(f, r) is spec}
 
 
-def _weights(model: SequenceRankingModel, spec: SequenceTableSpec) -> np.ndarray:
+def _weights(model: SequenceRankingModel, spec: SequenceTableSpec) -> torch.Tensor:
     collection = model.sequence.collections[f"d{spec.dim}"]
-    return collection.embeddings[spec.name].weight.detach().float().numpy()
+    return collection.embeddings[spec.name].weight.detach().float()
 
 
 def sequence_program(

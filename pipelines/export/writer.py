@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.build import load_trained
-from pipelines.export.delta import Previous, collisionless_rows
+from pipelines.export.delta import Previous, served_entry
 from pipelines.export.pruned import compact_tables, uncompacted_bytes
 from pipelines.export.sequence import sequence_program, sequence_tables
 from recsys.serving.format import (
@@ -49,11 +49,9 @@ from recsys.serving.format import (
 )
 from recsys.serving.manifest import ExportError, read_export, sha256_file
 from recsys.serving.model import load_tables
-from tables.collisionless.transform import CollisionlessTransform
 from tables.multiplexed import VirtualFeatureTransform
 from tables.optembed.embeddings import OptEmbedEmbeddings
 from tables.pooled import PooledEmbeddings, TableSpec
-from tables.transforms import VocabularyLookup
 
 
 def _write_table(
@@ -107,7 +105,7 @@ def pooled_tables(
     manifest and tables) makes collisionless tables incremental."""
     tables = []
     for spec in sparse.specs:
-        weights = sparse.ebc.embedding_bags[spec.name].weight.detach().float().numpy()
+        weights = sparse.ebc.embedding_bags[spec.name].weight.detach().float()
         transform = sparse.transforms[spec.transform]
         entry: dict[str, Any] = {
             "name": spec.name,
@@ -117,24 +115,9 @@ def pooled_tables(
             "pooling": spec.pooling,
             "dtype": dtype,
         }
-        if isinstance(transform, VocabularyLookup):
-            ids = transform.ids.numpy()
-            rows = weights[1:]
-            entry["lookup"] = "id"
-            entry["default_embedding"] = weights[VocabularyLookup.OOV_ROW].tolist()
-        elif isinstance(transform, CollisionlessTransform):
-            ids, live = collisionless_rows(transform, entry, out, previous)
-            rows = weights[live]
-            entry["default_embedding"] = transform.default.detach().tolist()
-        elif isinstance(transform, VirtualFeatureTransform):
-            ids = np.arange(spec.num_rows, dtype=np.int64)
-            rows = weights
+        ids, rows = served_entry(transform, spec.name, weights, entry, previous, out)
+        if entry["lookup"] == "hash":
             entry.update(_hash_lookup(spec, transform))
-        else:
-            ids = np.arange(spec.num_rows, dtype=np.int64)
-            rows = weights
-            entry["lookup"] = "modulo"
-            entry["num_rows"] = spec.num_rows
         entry["rows"] = len(ids)
         entry["bytes"] = int(rows.size * {"float32": 4, "float16": 2, "int8": 1}[dtype])
         entry.update(_write_table(out, spec.name, ids, rows, dtype))
@@ -261,8 +244,8 @@ def export(
     with staged(target) as stage:
         if cfg.model.is_sequence:
             write = partial(_write_table, stage, dtype=dtype)
-            rows_of = partial(collisionless_rows, out=stage, previous=previous)
-            tables = sequence_tables(model, write, dtype, rows_of)
+            served = partial(served_entry, previous=previous, out=stage)
+            tables = sequence_tables(model, write, dtype, served)
             if model.pooled is not None:
                 tables += pooled_tables(model.pooled, stage, dtype, previous)
             program, input_spec = sequence_program(cfg, model)

@@ -56,6 +56,9 @@ class SharedRowsTransform(CollisionlessTransform):
     def storage_tables(self) -> tuple[str, ...]:
         return tuple(self.table_dims)
 
+    def default_of(self, table: str) -> torch.Tensor:
+        return self.defaults[table]
+
     @torch.no_grad()
     def reset_new_rows(self, collection_of: Callable[[str], nn.Module]) -> None:  # type: ignore[override]
         """Initial weights and zero optimizer state for the rows given out since the last

@@ -38,6 +38,7 @@ from tables.collisionless.admission import BucketSpan, FrequencyFilter
 from tables.collisionless.idmap import IdMap, MapStats, Policy
 from tables.collisionless.ownership import bucket_of, bucket_range, hash64, owner_of
 from tables.collisionless.storage import table_storage
+from tables.transforms import IdTransform, ServedRows
 
 if TYPE_CHECKING:
     from recsys.config import TableConfig
@@ -97,7 +98,7 @@ def map_options(table: TableConfig) -> dict[str, Any]:
     }
 
 
-class CollisionlessTransform(nn.Module):
+class CollisionlessTransform(IdTransform):
     """Raw IDs of a table's features -> global rows, by the owners' ID maps.
 
     Args:
@@ -260,6 +261,17 @@ class CollisionlessTransform(nn.Module):
         return rows, ids
 
     # ---- state, stats, export ----------------------------------------------------------
+
+    dynamic_ids = True
+
+    def served_rows(self, table: str, weights: torch.Tensor) -> ServedRows:
+        """The live admitted IDs' rows; any other ID reads the default embedding."""
+        ids, rows = self.live_rows()
+        return ServedRows(ids, weights[rows], "id", rows, self.default_of(table).detach())
+
+    def default_of(self, table: str) -> torch.Tensor:
+        """The embedding of IDs without a row in `table`."""
+        return self.default
 
     def live_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(IDs, global rows) of every live row held here, sorted by ID."""
