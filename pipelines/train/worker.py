@@ -16,12 +16,10 @@ import contextlib
 import json
 import secrets
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -41,10 +39,10 @@ from pipelines.train.checkpoint import (
 )
 from pipelines.train.meter import Meter
 from pipelines.train.resume import DataPosition, position, resume_position
+from pipelines.train.stream import arrow_batches, unread_rows
 from pipelines.train.validation import Monitor, set_lr_scale, validate
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig
-from recsys.contract import validate_table
 from tables.collisionless.report import format_report, table_report
 from tables.collisionless.transform import bind_ownership, collisionless_transforms
 from tables.sharding import combined_optimizer, dense_parameters, shard_model
@@ -82,49 +80,6 @@ def _device(cfg: ExperimentConfig) -> torch.device:
 def shuffle_seed(cfg: ExperimentConfig, epoch: int, rank: int) -> int:
     """The local shuffle's seed: a new order every epoch and rank, the same on every run."""
     return int(np.random.SeedSequence([cfg.train.seed, epoch, rank]).generate_state(1)[0])
-
-
-def _arrow_batches(
-    shard: Any, cfg: ExperimentConfig, seed: int | None = None
-) -> Iterator[tuple[int, pa.Table]]:
-    """The worker's share of the stream as (rows read, validated Arrow table) pairs;
-    shuffled through a buffer of `data.shuffle_buffer` rows when `seed` is given.
-
-    An epoch's last batch of one row joins the batch before it: BatchNorm cannot train on
-    one row. Every worker gets as many rows (`streaming_split(equal=True)`), so all make
-    the same choice and still take the same number of steps."""
-    buffer = cfg.data.shuffle_buffer if seed is not None else 0
-    held: pa.Table | None = None  # one batch behind, to see whether the next is a last row
-    for table in shard.iter_batches(
-        batch_size=cfg.train.batch_size,
-        batch_format="pyarrow",
-        prefetch_batches=2,
-        local_shuffle_buffer_size=buffer or None,
-        local_shuffle_seed=seed if buffer else None,
-    ):
-        if held is not None and table.num_rows < 2:
-            held = pa.concat_tables([held, table])
-            continue
-        if held is not None:
-            yield _validated(held, cfg)
-        held = table
-    if held is not None:
-        yield _validated(held, cfg)
-
-
-def _validated(table: pa.Table, cfg: ExperimentConfig) -> tuple[int, pa.Table]:
-    clean, _ = validate_table(
-        table, cfg.features, "Ray Data stream", on_bad_rows=cfg.data.on_bad_rows
-    )
-    return table.num_rows, clean
-
-
-def _unread_rows(pulled: int, train_rows: int, device: torch.device) -> int:
-    """Training rows no worker read in the epoch (a collective call): the rows Ray Data's
-    `streaming_split(equal=True)` drops so that every worker takes as many batches."""
-    read = torch.tensor([pulled], dtype=torch.int64, device=device)
-    dist.all_reduce(read)
-    return train_rows - int(read.item())
 
 
 def _tables_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -301,7 +256,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def validation(step: int) -> None:
         """Score the validation split at `step`, whose checkpoint is then due."""
         _average_norm_statistics(dmp)
-        scores = validate(dmp, valid_shard, cfg, device, _arrow_batches)
+        scores = validate(dmp, valid_shard, cfg, device, arrow_batches)
         best = monitor.update(step, scores, checkpoint_name(step, token))
         set_lr_scale(optimizer, initial_lrs, monitor.lr_scale, t.min_lr)
         if rank == 0:
@@ -322,7 +277,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for epoch in epochs:
         skip = start.batches if epoch == resume_epoch else 0
         pulled = 0  # rows this worker read in the epoch, skipped ones included
-        stream = _arrow_batches(train_shard, cfg, shuffle_seed(cfg, epoch, rank))
+        stream = arrow_batches(train_shard, cfg, shuffle_seed(cfg, epoch, rank))
         for i, (rows, table) in enumerate(stream):
             pulled += rows
             if i < skip:
@@ -360,7 +315,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if t.max_steps and step >= t.max_steps:
                 break  # mid-epoch: the position stays, so a longer run continues the epoch
         else:
-            unread = _unread_rows(pulled, loop_config["train_rows"], device)
+            unread = unread_rows(pulled, loop_config["train_rows"], device)
             if unread and rank == 0:
                 meter.write({"epoch": epoch, "rows_unread": unread})
                 say(
