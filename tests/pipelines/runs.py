@@ -6,12 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import polars as pl
 import pytest
 import ray
+from sklearn.metrics import roc_auc_score
 
 from pipelines.train.driver import train
+from pipelines.train.split import make_split
 from recsys.config import ExperimentConfig, load_config
+from recsys.logs import scan_log
 from recsys.synth import generate
+from tests.helpers import trained_probabilities
 
 REPO = Path(__file__).resolve().parents[2]
 HELD_OUT_DAY = "day=2026-01-03"  # the last of three synthetic days: the validation split
@@ -50,3 +55,16 @@ def module_run(config: Callable[[Path], ExperimentConfig], rows: int) -> Callabl
             ray.shutdown()
 
     return trained
+
+
+def validation_auc(cfg: ExperimentConfig, run: str | Path, tmp: Path) -> float:
+    """sklearn's AUC of the run's best checkpoint, unsharded, on its validation split:
+    the independent reference for the `valid_auc` that training reports."""
+    split = make_split(cfg)
+    rows = scan_log(split.valid_files or split.train_files)
+    if split.held_out is not None:
+        rows = rows.filter(split.held_out.fill_null(False))
+    path = tmp / "validation_rows.parquet"
+    rows.collect().write_parquet(path)
+    labels = pl.read_parquet(path)[cfg.features.label].to_numpy()
+    return float(roc_auc_score(labels, trained_probabilities(run, path)))

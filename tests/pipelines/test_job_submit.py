@@ -17,6 +17,7 @@ import pytest
 from recsys.config import load_config
 from recsys.synth import generate
 from tests.helpers import free_port
+from tests.pipelines.runs import validation_auc
 
 pytestmark = pytest.mark.cluster
 
@@ -125,7 +126,10 @@ def test_submitted_training_job_trains_and_checkpoints(cluster, repo: Path, tmp_
     assert submitted.returncode == 0, output[-4000:]
     assert "succeeded" in output, output[-4000:]
     result = json.loads((runs / "demo" / "result.json").read_text())
-    assert result["metrics"]["step"] > 0 and 0.0 < result["metrics"]["valid_auc"] < 1.0
+    assert result["metrics"]["step"] > 0
+    cfg = load_config(runs / "demo" / "config.yaml")
+    reference = validation_auc(cfg, runs / "demo", tmp_path)
+    assert result["metrics"]["valid_auc"] == pytest.approx(reference, abs=1e-6)
     assert Path(result["checkpoint"]).is_dir()
     records = (runs / "demo" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(records[-1])["final"]
