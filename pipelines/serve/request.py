@@ -93,15 +93,21 @@ def _locate(rows: list[dict], err: Exception) -> str:
 
 
 def _json_types(table: pa.Table, features: FeaturesConfig) -> pa.Table:
-    """JSON's numbers and empty lists in the contract's types: whole numbers in a dense
-    column are floats, a list column of only empty lists holds int64."""
+    """JSON's values in the contract's types where JSON cannot say them: whole numbers in
+    a dense column are floats, a list column of only empty lists holds int64, a column of
+    only nulls has its feature's type (so that the contract names the null's row)."""
     dense = {f.name for f in features.dense}
+    types = model_columns(features)
     for i, field in enumerate(table.schema):
-        t = field.type
-        if field.name in dense and (pa.types.is_integer(t) or pa.types.is_null(t)):
-            table = table.set_column(i, field.name, table.column(i).cast(pa.float64()))
+        t, want = field.type, types.get(field.name)
+        if field.name in dense and pa.types.is_integer(t):
+            want = pa.float64()
         elif pa.types.is_list(t) and pa.types.is_null(t.value_type):
-            table = table.set_column(i, field.name, table.column(i).cast(ID_LIST))
+            want = ID_LIST
+        elif not pa.types.is_null(t):
+            continue
+        if want is not None:
+            table = table.set_column(i, field.name, table.column(i).cast(want))
     return table
 
 

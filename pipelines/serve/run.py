@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -102,12 +103,17 @@ def serve_forever(
     if logs is not None:
         print(f"  Ray and Serve logs: {logs()}")
     print("  Ctrl-C stops it")
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop shuts down as cleanly
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
         ray.shutdown()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def serve_command(args: argparse.Namespace) -> None:
