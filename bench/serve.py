@@ -222,23 +222,32 @@ def _stats(load: Load, keep: np.ndarray, rows: int, seconds: float) -> dict[str,
     }
 
 
-def _memory() -> dict[str, float]:
-    """RSS and PSS (MiB) of this process and every process under it (Ray, its workers, the
-    replicas), and of the replicas alone."""
-    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
-    total = {"rss": 0.0, "pss": 0.0, "replica_rss": 0.0, "replica_pss": 0.0}
-    for p in procs:
+def _role(p: psutil.Process) -> str:
+    name = " ".join(p.cmdline())
+    if p.pid == os.getpid():
+        return "client (this process)"
+    for role in ("ServeReplica", "ProxyActor", "ServeController"):
+        if role in name:
+            return role
+    return "other Ray processes"
+
+
+def _tree() -> dict[str, tuple[float, float, float]]:
+    """Per role (client, replicas, proxy, controller, the rest of Ray): CPU seconds so far,
+    RSS and PSS (MiB), summed over this process and every process under it."""
+    totals: dict[str, list[float]] = {}
+    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
         try:
+            role = _role(p)
+            cpu = p.cpu_times()
             info = p.memory_full_info()
-            name = " ".join(p.cmdline())
         except (psutil.Error, OSError):
             continue
-        total["rss"] += info.rss / 2**20
-        total["pss"] += getattr(info, "pss", info.rss) / 2**20
-        if "ServeReplica" in name:
-            total["replica_rss"] += info.rss / 2**20
-            total["replica_pss"] += getattr(info, "pss", info.rss) / 2**20
-    return total
+        t = totals.setdefault(role, [0.0, 0.0, 0.0])
+        t[0] += cpu.user + cpu.system
+        t[1] += info.rss / 2**20
+        t[2] += getattr(info, "pss", info.rss) / 2**20
+    return {role: (t[0], t[1], t[2]) for role, t in sorted(totals.items())}
 
 
 def main() -> None:
@@ -282,11 +291,11 @@ def main() -> None:
         load = Load(url, [_body(t, args.format) for t in chunks], JSON)
         if args.format == "arrow":
             load.content_type = ARROW_STREAM
-        memory_before = _memory()
+        tree_before = _tree()
         begin, windows, end = asyncio.run(
             drive(load, args.connections, follow, deltas, phase_s, steps)
         )
-        memory_after = _memory()
+        tree_after = _tree()
         serve.shutdown()
         ray.shutdown()
     finally:
@@ -326,11 +335,16 @@ def main() -> None:
         f"ceiling: predict_table in process {top:.0f} rows/s with {args.replicas} torch "
         f"thread(s) ({all_cores:.0f} rows/s with all {os.cpu_count()} cores)"
     )
-    for label, m in (("before updates", memory_before), ("after updates", memory_after)):
-        print(
-            f"memory {label}: process tree RSS {m['rss']:.0f} MiB, PSS {m['pss']:.0f} MiB; "
-            f"replicas RSS {m['replica_rss']:.0f} MiB, PSS {m['replica_pss']:.0f} MiB"
-        )
+    requests = max(len(load.starts), 1)  # warm-up included, as in the CPU times
+    print(
+        f"{'process (role)':<26}{'CPU ms/request':>15}{'RSS MiB':>9}{'PSS MiB':>9}  (after updates)"
+    )
+    for role, (cpu, rss, pss) in tree_after.items():
+        used = cpu - tree_before.get(role, (0.0, 0.0, 0.0))[0]
+        print(f"{role:<26}{used * 1000 / requests:>15.2f}{rss:>9.0f}{pss:>9.0f}")
+    for label, tree in (("before updates", tree_before), ("after updates", tree_after)):
+        rss, pss = sum(t[1] for t in tree.values()), sum(t[2] for t in tree.values())
+        print(f"memory {label}: process tree RSS {rss:.0f} MiB, PSS {pss:.0f} MiB")
     ratio = whole["rows_s"] / top
     p99_ratio = during["p99"] / outside["p99"]
     errors = whole["errors"]

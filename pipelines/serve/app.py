@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
+import torch
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -33,6 +35,7 @@ from pipelines.serve.request import (
     prepare,
 )
 from recsys.contract import traffic_optional
+from recsys.serving.model import ServingModel
 
 Scored = tuple[np.ndarray, dict[str, Any]] | RequestError
 
@@ -58,29 +61,45 @@ def score_tables(loaded: Loaded, tables: list[pa.Table]) -> list[Scored]:
     requests that pass the contract are scored as one concatenated table."""
     model = loaded.model
     optional = traffic_optional(model.features)
+
+    def check(table: pa.Table) -> pa.Table:
+        return prepare(table, model.features, model.manifest.input, optional)
+
     results: list[Scored | None] = [None] * len(tables)
-    good: list[tuple[int, pa.Table]] = []
-    for i, table in enumerate(tables):
+    good = list(range(len(tables)))
+    try:  # the whole batch checked at once, when its requests concatenate and all pass
+        if not all(t.num_rows for t in tables):
+            raise RequestError(400, "a request without rows")
+        batch = check(pa.concat_tables(tables))
+    except (RequestError, pa.ArrowException):  # then each on its own, naming its own rows
+        good, checked = [], []
+        for i, table in enumerate(tables):
+            try:
+                checked.append(check(table))
+                good.append(i)
+            except RequestError as err:
+                results[i] = err
+        batch = pa.concat_tables(checked) if checked else None
+    if batch is not None:
+        version = _short(loaded)
         try:
-            good.append((i, prepare(table, model.features, model.manifest.input, optional)))
-        except RequestError as err:
-            results[i] = err
-    version = _short(loaded)
-    if good:
-        try:
-            probs = model.predict_table(pa.concat_tables([t for _, t in good]))
-            ends = np.cumsum([t.num_rows for _, t in good])
-            for (i, _), part in zip(good, np.split(probs, ends[:-1]), strict=True):
+            probs = model.predict_table(batch)
+            ends = np.cumsum([tables[i].num_rows for i in good])
+            for i, part in zip(good, np.split(probs, ends[:-1]), strict=True):
                 results[i] = (part, version)
         except Exception:  # find the request that broke the batch; the others are scored
-            for i, table in good:
-                try:
-                    results[i] = (model.predict_table(table), version)
-                except ValueError as err:
-                    results[i] = RequestError(400, f"request: {err}")
-                except Exception as err:
-                    results[i] = RequestError(500, f"scoring failed: {type(err).__name__}: {err}")
+            for i in good:
+                results[i] = _score_alone(model, check(tables[i]), version)
     return [r for r in results if r is not None]
+
+
+def _score_alone(model: ServingModel, table: pa.Table, version: dict[str, Any]) -> Scored:
+    try:
+        return model.predict_table(table), version
+    except ValueError as err:
+        return RequestError(400, f"request: {err}")
+    except Exception as err:
+        return RequestError(500, f"scoring failed: {type(err).__name__}: {err}")
 
 
 def _error(err: RequestError) -> JSONResponse:
@@ -99,6 +118,10 @@ class Scorer:
         self.score.set_max_batch_size(settings.max_batch_size)
         self.score.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        # as many torch threads as CPUs Ray gave the replica: more only spin against the
+        # proxy and the other replicas on the same cores
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
 
     def version(self) -> dict[str, Any]:
         return {
@@ -106,6 +129,7 @@ class Scorer:
             **self.live.current.version.as_dict(),
             "following": str(self.live.follow) if self.live.follow else None,
             "last_error": self.live.last_error,
+            "torch_threads": torch.get_num_threads(),
         }
 
     async def __call__(self, request: Request) -> Response:

@@ -16,8 +16,10 @@ latest `exported_at`, then name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -172,6 +174,8 @@ class LiveModel:
         self._thread.start()
 
     def _run(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # Linux: niceness is per thread,
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # loads yield to scoring
         while not self._stop.wait(self.poll_s):
             try:
                 self.poll_once()
