@@ -107,7 +107,9 @@ def _chunks(traffic: pa.Table, rows: int, count: int) -> list[pa.Table]:
     return [traffic.slice((i * rows) % (traffic.num_rows - rows), rows) for i in range(count)]
 
 
-def ceiling(export_dir: Path, chunks: list[pa.Table], threads: int, batch: int) -> float:
+def ceiling(
+    export_dir: Path, chunks: list[pa.Table], threads: int, batch: int, seconds: float
+) -> float:
     """In-process rows/s of `predict_table` on the requests' rows, alone or `batch` at a
     time (the better of the two), with `threads` torch threads."""
     model = ServingModel(export_dir)
@@ -118,7 +120,7 @@ def ceiling(export_dir: Path, chunks: list[pa.Table], threads: int, batch: int) 
         for tables in (chunks, [pa.concat_tables(chunks[:batch])]):
             model.predict_table(tables[0])  # warm-up
             rows, start = 0, time.perf_counter()
-            while time.perf_counter() - start < 2.0:
+            while time.perf_counter() - start < seconds:
                 for t in tables:
                     model.predict_table(t)
                     rows += t.num_rows
@@ -185,7 +187,7 @@ async def drive(
     windows = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         tasks = [asyncio.create_task(load.client(session, w)) for w in range(connections)]
-        await asyncio.sleep(2.0)  # warm-up, not counted
+        await asyncio.sleep(min(2.0, phase_s / 2))  # warm-up, not counted
         begin = time.perf_counter()
         await asyncio.sleep(phase_s)
         for delta, step in zip(deltas, steps, strict=True):
@@ -252,7 +254,7 @@ def _tree() -> dict[str, tuple[float, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small log, 5 s phases")
+    parser.add_argument("--quick", action="store_true", help="small log, 4 s phases")
     parser.add_argument("--rows", type=int, default=200_000, help="log rows to train on")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rows-per-request", type=int, default=256)
@@ -262,7 +264,9 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--seconds", type=float, default=40.0, help="length of each phase")
     args = parser.parse_args()
-    rows, phase_s = (20_000, 5.0) if args.quick else (args.rows, args.seconds)
+    rows, phase_s = (20_000, 4.0) if args.quick else (args.rows, args.seconds)
+    timed = 0.5 if args.quick else 2.0  # seconds per ceiling measurement
+    torch.set_num_threads(1)  # on a shared machine, more threads spin against each other
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     try:
         began = time.perf_counter()
@@ -274,8 +278,10 @@ def main() -> None:
             f"steps {steps}, {time.perf_counter() - began:.0f} s",
             flush=True,
         )
-        top = ceiling(follow / "v0", chunks, args.replicas, args.max_batch_size)
-        all_cores = ceiling(follow / "v0", chunks, os.cpu_count() or 1, args.max_batch_size)
+        # The ceiling before and after the served run (the higher counts): a shared
+        # machine's load moves between the two, and the served run sits in between.
+        before = ceiling(follow / "v0", chunks, args.replicas, args.max_batch_size, timed)
+        all_cores = ceiling(follow / "v0", chunks, os.cpu_count() or 1, args.max_batch_size, timed)
         start_ray(None, args.replicas)
         settings = ServeSettings(
             follow=str(follow),
@@ -292,12 +298,16 @@ def main() -> None:
         if args.format == "arrow":
             load.content_type = ARROW_STREAM
         tree_before = _tree()
+        load_start = os.getloadavg()[0]
         begin, windows, end = asyncio.run(
             drive(load, args.connections, follow, deltas, phase_s, steps)
         )
         tree_after = _tree()
+        load_avg = f"{load_start:.1f} -> {os.getloadavg()[0]:.1f} (1 min)"
         serve.shutdown()
         ray.shutdown()
+        after = ceiling(follow / "v0", chunks, args.replicas, args.max_batch_size, timed)
+        top = max(before, after)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -333,7 +343,8 @@ def main() -> None:
         )
     print(
         f"ceiling: predict_table in process {top:.0f} rows/s with {args.replicas} torch "
-        f"thread(s) ({all_cores:.0f} rows/s with all {os.cpu_count()} cores)"
+        f"thread(s) (before the served run {before:.0f}, after {after:.0f}; with all "
+        f"{os.cpu_count()} cores {all_cores:.0f}); load average over the run {load_avg}"
     )
     requests = max(len(load.starts), 1)  # warm-up included, as in the CPU times
     print(

@@ -25,6 +25,7 @@ import pytest
 import ray
 from ray import serve
 
+from pipelines.cli import main
 from pipelines.export.writer import export
 from pipelines.serve.app import ServeSettings
 from pipelines.serve.run import deploy
@@ -243,3 +244,22 @@ def test_a_corrupt_newer_export_is_skipped_and_reported(server: dict) -> None:
     assert "SHA-256" in version["last_error"]["error"]
     status, body = _post_json(port, _traffic().to_pylist())
     assert status == 200 and body["version"]["step"] == 6
+
+
+def test_serve_refuses_a_folder_without_a_loadable_export_before_starting_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "half").mkdir()  # no manifest: not an export yet
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{")
+    with pytest.raises(SystemExit):
+        main(["serve", "--follow", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "no export here loads" in err and str(tmp_path / "broken" / "manifest.json") in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--export", str(tmp_path / "half")])
+    assert str(tmp_path / "half") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    usage = capsys.readouterr().out
+    assert "--follow DIR" in usage and "--address" in usage and "Ctrl-C" in usage
