@@ -164,6 +164,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     _show(args, f"predict: {args.data}", summary)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from pipelines.serve.run import serve_command
+
+    serve_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +276,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the probabilities to this Parquet file")
     p.add_argument("--with-metrics", action="store_true", help="also print AUC etc. (needs labels)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "serve",
+        help="score HTTP requests from an export on Ray Serve, following new exports live",
+        description="POST /predict: JSON rows, an Arrow IPC stream or Parquet; GET /version. "
+        "--follow swaps in each newer export (by training step; full, or a delta made with "
+        "--since) as it appears. Starts an embedded Ray and serves until Ctrl-C; with "
+        "--address (or RAY_ADDRESS) it deploys to that cluster and returns, the app staying up.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--export", metavar="DIR", help="serve this export directory")
+    source.add_argument(
+        "--follow", metavar="DIR", help="serve the newest export among DIR's subfolders"
+    )
+    for flag, kind, default, what in (
+        ("--replicas", int, 1, "Serve replicas, one CPU each"),
+        ("--host", str, "127.0.0.1", "HTTP host"),
+        ("--port", int, 8000, "HTTP port"),
+        ("--max-batch-size", int, 32, "requests per server-side batch"),
+        ("--batch-wait-ms", float, 5.0, "how long a batch waits to fill"),
+        ("--poll-s", float, 5.0, "seconds between looks at the --follow folder"),
+    ):
+        p.add_argument(flag, type=kind, default=default, help=f"{what} (default {default})")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.set_defaults(func=_cmd_serve)
+
     for command in _leaves(sub):
         output = command.add_argument_group("output")
         output.add_argument("--json", action="store_true", help="print the result as JSON")

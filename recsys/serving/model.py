@@ -260,6 +260,7 @@ class ServingModel:
         export = read_export(root)
         manifest = export.manifest
         self.manifest = manifest
+        self.manifest_sha256 = export.manifest_sha256  # names exactly what was loaded
         self.features = manifest.features
         self.convert = BatchConverter(self.features)
         tables = _tables(export, ())

@@ -229,10 +229,13 @@ def test_shared_table_features_must_be_adjacent() -> None:
 # ------------------------------------------------------------------------ export
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_run(tmp_path_factory.mktemp("run"))
+
+
+def trained_run(run_dir: Path) -> Path:
     """Two workers' shards held in one process, trained on days 0-5 with a checkpoint
     after day 2 and one after day 5."""
     cfg = _config(workers=2, capacity=64)
-    run_dir = tmp_path_factory.mktemp("run")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     torch.manual_seed(0)
     model = build_model(cfg, {})
