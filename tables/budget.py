@@ -26,7 +26,8 @@ def full_parameters(tables: list[TableConfig], rows: Mapping[str, int]) -> int:
 
 
 def full_tables(tables: list[TableConfig]) -> list[TableConfig]:
-    """A vocabulary table per feature (named after it), the entries' min_count kept."""
+    """A vocabulary table per feature (named after it), the entries' min_count and init
+    kept."""
     return [
         table_config(
             features=t.features,
@@ -35,6 +36,7 @@ def full_tables(tables: list[TableConfig]) -> list[TableConfig]:
             min_count=getattr(t, "min_count", 1),  # hashed entries count no IDs
             pooling=t.pooling,
             sharding=t.sharding,
+            init=t.init,
         )
         for t in tables
     ]
@@ -67,6 +69,7 @@ def budget_tables(
                 probes=getattr(t, "probes", None),
                 pooling=t.pooling,
                 sharding=t.sharding,
+                init=t.init,
             )
             for i, t in enumerate(tables)
         ]
@@ -81,6 +84,7 @@ def budget_tables(
             embedding_dim=t.embedding_dim,
             pooling=t.pooling,
             sharding=t.sharding,
+            init=t.init,
         )
         for t in tables
         for f in t.features

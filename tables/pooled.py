@@ -17,6 +17,7 @@ and add the table's default embedding for the IDs that have none.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from recsys.config import ExperimentConfig, TableConfig
 from tables.collisionless.exchange import route_tables
 from tables.collisionless.transform import CollisionlessTransform, map_options
+from tables.initializers import RowInit
 from tables.multiplexed import (
     MultiplexedTransform,
     QuotientRemainderTransform,
@@ -43,7 +45,9 @@ class TableSpec:
     `lookups[i]` are the collection's features through which `features[i]` reads the table:
     the feature itself by default, or its virtual features, whose pooled rows are
     concatenated. `transform` names the ID transform serving the table (by default the
-    table's own); a `qr` feature's two tables share one.
+    table's own); a `qr` feature's two tables share one. `init` draws its first rows (None:
+    torchrec's default; a collisionless table's rows start when given out, see its ID
+    transform).
     """
 
     name: str
@@ -55,6 +59,7 @@ class TableSpec:
     sharding: str
     lookups: tuple[tuple[str, ...], ...] = ()
     transform: str = ""
+    init: RowInit | None = None
 
     def __post_init__(self) -> None:
         if not self.lookups:
@@ -78,6 +83,7 @@ def _specs_of(
     features: tuple[str, ...],
     vocabularies: dict[str, np.ndarray],
     workers: int,
+    seed: int,
 ) -> list[TableSpec]:
     """The physical tables behind one table name of a config entry."""
     common = {
@@ -86,31 +92,29 @@ def _specs_of(
         "pooling": table.pooling,
         "sharding": table.sharding,
     }
+
+    def spec(physical: str, rows: int, **keys: Any) -> TableSpec:
+        init = RowInit.of(table.init, rows, seed, physical)
+        return TableSpec(physical, features, num_rows=rows, init=init, **{**common, **keys})
+
     if table.storage_variant == "full":
         if name not in vocabularies:
             raise ValueError(f"table {name!r}: no vocabulary was built for it")
-        return [TableSpec(name, features, num_rows=len(vocabularies[name]) + 1, **common)]
+        return [spec(name, len(vocabularies[name]) + 1)]
     if table.storage_variant == "collisionless":
         rows = int(table.capacity) * workers  # type: ignore[arg-type]
         return [TableSpec(name, features, num_rows=rows, **{**common, "sharding": "row_wise"})]
     rows = int(table.num_embeddings)  # type: ignore[arg-type]
     if table.storage_variant == "hash":
-        return [TableSpec(name, features, num_rows=rows, **common)]
+        return [spec(name, rows)]
     if table.variant == "multiplexed":
         lookups = tuple(tuple(f"{f}@{j}" for j in range(table.probes_of(f))) for f in features)
-        return [TableSpec(name, features, num_rows=rows, lookups=lookups, **common)]
+        return [spec(name, rows, lookups=lookups)]
     # qr: one feature per name; the quotient table has V / m rows, the remainder table m.
     (feature,) = features
     size, remainder = quotient_remainder_sizes(rows)
     return [
-        TableSpec(
-            f"{name}@{part}",
-            features,
-            num_rows=n,
-            lookups=((f"{feature}@{part}",),),
-            transform=name,
-            **common,
-        )
+        spec(f"{name}@{part}", n, lookups=((f"{feature}@{part}",),), transform=name)
         for part, n in (("q", size // remainder), ("r", remainder))
     ]
 
@@ -131,7 +135,9 @@ def table_specs(
             if feature in pooled:
                 by_name.setdefault(name, []).append(feature)
         for name, features in by_name.items():
-            specs += _specs_of(table, name, tuple(features), vocabularies, cfg.train.workers)
+            specs += _specs_of(
+                table, name, tuple(features), vocabularies, cfg.train.workers, cfg.train.seed
+            )
     return specs
 
 
@@ -172,6 +178,7 @@ def make_transforms(
                 capacity=int(table.capacity),  # type: ignore[arg-type]
                 num_shards=cfg.train.workers,
                 dim=spec.dim,
+                init=RowInit.of(table.init, spec.num_rows, cfg.train.seed, spec.name),
                 **map_options(table),
             )
         elif spec.variant == "qr":
@@ -227,6 +234,7 @@ class PooledEmbeddings(nn.Module):
                     embedding_dim=s.dim,
                     num_embeddings=s.num_rows,
                     feature_names=[key for keys in s.lookups for key in keys],
+                    init_fn=s.init,
                     # Mean pooling is applied after the lookup (see `forward`): torchrec
                     # mis-scales other tables of a collection that mixes a row-wise
                     # mean-pooled table with table-wise ones.

@@ -37,6 +37,7 @@ from recsys.config import ExperimentConfig, TableConfig
 from tables.collisionless.exchange import global_rows
 from tables.collisionless.sequence import SharedRowsTransform, drop_rowless, fill_defaults
 from tables.collisionless.transform import map_options
+from tables.initializers import RowInit
 from tables.transforms import ModuloHash, VocabularyLookup
 
 ATTENTION, REPRESENTATION, BOTH = "att", "rep", "both"
@@ -70,6 +71,7 @@ class SequenceTableSpec:
     dim: int
     sharding: str
     keys: tuple[str, ...]
+    init: RowInit | None = None  # None: torchrec's default; collisionless: see its transform
 
     @property
     def bytes(self) -> int:
@@ -134,6 +136,7 @@ class SequenceEmbeddings(nn.Module):
                             embedding_dim=s.dim,
                             num_embeddings=s.num_rows,
                             feature_names=list(s.keys),
+                            init_fn=s.init,
                         )
                         for s in group
                     ],
@@ -321,12 +324,14 @@ def _transform(
     if table.storage_variant == "collisionless":
         dims = {f"{name}@{ATTENTION}": table.attention_dim or table.embedding_dim}
         dims[f"{name}@{REPRESENTATION}"] = table.embedding_dim
+        capacity = int(table.capacity)  # type: ignore[arg-type]
         return SharedRowsTransform(
             name,
             tuple(keys),
             dims,
-            capacity=int(table.capacity),  # type: ignore[arg-type]
+            capacity=capacity,
             num_shards=cfg.train.workers,
+            init=RowInit.of(table.init, capacity * cfg.train.workers, cfg.train.seed, name),
             **map_options(table),
         )
     if table.uses_vocabulary:
@@ -371,15 +376,17 @@ def build_sequence_embeddings(
             dim = table.embedding_dim
             if role == ATTENTION:
                 dim = table.attention_dim or table.embedding_dim
+            physical = _role_key(name, role)
             specs.append(
                 SequenceTableSpec(
-                    name=_role_key(name, role),
+                    name=physical,
                     variant=variant,
                     role=role,
                     num_rows=rows,
                     dim=dim,
                     sharding=sharding,
                     keys=tuple(_role_key(k, role) for k in keys),
+                    init=None if owned else RowInit.of(table.init, rows, cfg.train.seed, physical),
                 )
             )
 

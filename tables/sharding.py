@@ -34,6 +34,10 @@ torchrec 1.8 / fbgemm-gpu-cpu 1.8 (and proven in tests/tables/test_sharding.py):
   `check_plan` rejects such plans (device-independent; torchrec code, not fbgemm). Mean-pooled
   tables work under every sharding when all of that EBC's tables are row-sharded, or none of
   its mean-pooled ones is.
+* **Initial rows.** A sharded collection calls its tables' `init_fn` on each local shard
+  without saying where the shard sits in the table; `shard_model` writes the rows of the
+  tables drawn by a `tables.initializers.RowInit` into their local shards by offset, so
+  that any sharding starts with exactly the unsharded table's rows.
 * **Output order.** A sharded EBC's `KeyedTensor` lists features grouped by sharding, not
   in config order: read pooled embeddings by key (`kt[feature]`, `to_dict()`), never by
   position in `values()`.
@@ -69,6 +73,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from tables.initializers import RowInit
 
 AUTO = "auto"
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -277,13 +283,59 @@ def shard_model(
     sharders = make_sharders()
     plan = plan_sharding(module, sharding, pg, device, sharders)
     check_plan(module, plan)
-    return DistributedModelParallel(
+    inits = table_inits(module)
+    dmp = DistributedModelParallel(
         module,
         env=ShardingEnv.from_process_group(pg),
         device=device,
         plan=plan,
         sharders=sharders,
     )
+    write_initial_rows(dmp.module, inits)
+    return dmp
+
+
+def table_inits(module: nn.Module) -> dict[str, dict[str, tuple[RowInit, int]]]:
+    """Per torchrec collection in `module` (by path), its tables whose config's `init_fn`
+    is a `RowInit`: (that init, the table's width)."""
+    found = {}
+    for path, child in module.named_modules():
+        if isinstance(child, EmbeddingBagCollection):
+            configs: list[BaseEmbeddingConfig] = list(child.embedding_bag_configs())
+        elif isinstance(child, EmbeddingCollection):
+            configs = list(child.embedding_configs())
+        else:
+            continue
+        inits = {
+            c.name: (c.init_fn, c.embedding_dim) for c in configs if isinstance(c.init_fn, RowInit)
+        }
+        if inits:
+            found[path] = inits
+    return found
+
+
+@torch.no_grad()
+def write_initial_rows(
+    module: nn.Module, inits: Mapping[str, Mapping[str, tuple[RowInit, int]]]
+) -> None:
+    """Draw the rows of every table of `inits` into its local shards (or replica) in the
+    sharded `module` (a DMP's `.module`), as the unsharded table would hold them.
+
+    torchrec's sharded collections call `init_fn` on each local shard without its offsets
+    (every shard would start as the table's first rows); their state dict holds views of
+    the kernels' weights, with the offsets.
+    """
+    for path, tables in inits.items():
+        state = module.get_submodule(path).state_dict()
+        for table, (init, width) in tables.items():
+            key = f"embedding_bags.{table}.weight"  # an `EmbeddingCollection`: `embeddings`
+            weight = state[key if key in state else f"embeddings.{table}.weight"]
+            if not hasattr(weight, "local_shards"):  # data-parallel: a whole replica
+                init.fill(weight, width=width)
+                continue
+            for shard in weight.local_shards():
+                first_row, first_col = shard.metadata.shard_offsets
+                init.fill(shard.tensor, first_row, first_col, width)
 
 
 def _is_table(param: nn.Parameter) -> bool:

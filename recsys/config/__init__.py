@@ -4,8 +4,9 @@ Pydantic (v2) rather than OmegaConf structured configs: pydantic already ships w
 validates types strictly, `extra="forbid"` rejects unknown keys, cross-field rules are plain
 methods, and every error carries the dotted location of the offending key, which
 `load_config` prefixes with the file name so a user sees `conf/x.yaml: tables[0].dim: ...`.
-One module per part of the file: `features`, `tables` (a model per variant), `sections`
-(model, data, train, eval, export, optembed), `experiment` (rules across sections), `load`.
+One module per part of the file: `features`, `tables` (a model per variant; a table's
+`init` in `table_init`), `sections` (model, data, train, eval, export, optembed),
+`experiment` (rules across sections), `load`.
 """
 
 from recsys.config.base import ConfigError, PositiveInt
@@ -24,6 +25,7 @@ from recsys.config.sections import (
     SequenceSyntheticConfig,
     TrainConfig,
 )
+from recsys.config.table_init import NormalInit, UniformInit
 from recsys.config.tables import TableConfig, table_config
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "ExportConfig",
     "FeaturesConfig",
     "ModelConfig",
+    "NormalInit",
     "OptEmbedConfig",
     "OptEmbedSearchConfig",
     "PositiveInt",
@@ -45,6 +48,7 @@ __all__ = [
     "SparseFeature",
     "TableConfig",
     "TrainConfig",
+    "UniformInit",
     "config_from_dict",
     "load_config",
     "parse_override",

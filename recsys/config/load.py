@@ -11,10 +11,15 @@ from pydantic import ValidationError
 
 from recsys.config.base import ConfigError
 from recsys.config.experiment import ExperimentConfig
+from recsys.config.table_init import INIT_DISTRIBUTIONS
 from recsys.config.tables import VARIANTS
 
 # The members of a union that pydantic names in an error's location, after the union's key.
-_UNION_TAGS = {"synthetic": ("ctr", "sequence"), "tables[i]": VARIANTS}
+_UNION_TAGS = {
+    "synthetic": ("ctr", "sequence"),
+    "tables[i]": VARIANTS,
+    "init": INIT_DISTRIBUTIONS,
+}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

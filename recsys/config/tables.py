@@ -16,6 +16,8 @@ sequence models' item features: `<table>@att` of `attention_dim` columns for att
 `<table>@rep` of `embedding_dim` for representations) and `optembed` (learned row pruning
 and searched dims, see `OptEmbedConfig`) keep their rows as a `storage` table, `full`,
 `hash` or `collisionless`, which they read as that variant does.
+
+Every variant takes `init`, how its rows start (`recsys.config.table_init`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 from recsys.config.base import PositiveInt, Strict
+from recsys.config.table_init import InitConfig, NormalInit, init_keys
 
 Sharding = Literal[
     "auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"
@@ -50,8 +53,15 @@ class _Table(Strict):
     embedding_dim: PositiveInt = 64
     pooling: Literal["sum", "mean"] = "sum"
     sharding: Sharding = "auto"
+    # How the rows start (see NormalInit); every table of the group, its ID map's new rows.
+    init: InitConfig = Field(default_factory=NormalInit)
 
     one_table_per_group: ClassVar[bool] = False  # multiplexed: the group's one table
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_name(cls, value: Any) -> Any:
+        return init_keys(value)
 
     @model_validator(mode="before")
     @classmethod

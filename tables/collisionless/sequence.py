@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tables.collisionless.ownership import hash64
 from tables.collisionless.storage import table_storage
-from tables.collisionless.transform import CollisionlessTransform, initial_rows
+from tables.collisionless.transform import CollisionlessTransform
 
 _TABLE_SALT = 0x5EC0  # per-table salt of the initial rows (table k of a map: salt + k)
 
@@ -75,7 +75,7 @@ class SharedRowsTransform(CollisionlessTransform):
             weight, states, first_row = cached[1]
             local = (rows - first_row).to(weight.device)
             salted = ids if k == 0 else hash64(ids, _TABLE_SALT + k)
-            init = initial_rows(salted, dim, self.init_bound)
+            init = self.row_init.rows_of(salted, dim)
             weight.index_copy_(0, local, init.to(weight.device, weight.dtype))
             for state in states:
                 state.index_fill_(0, local, 0)

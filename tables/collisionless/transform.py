@@ -36,24 +36,16 @@ from torch import nn
 
 from tables.collisionless.admission import BucketSpan, FrequencyFilter
 from tables.collisionless.idmap import IdMap, MapStats, Policy
-from tables.collisionless.ownership import bucket_of, bucket_range, hash64, owner_of
+from tables.collisionless.ownership import bucket_of, bucket_range, owner_of
 from tables.collisionless.storage import table_storage
+from tables.initializers import RowInit
 from tables.transforms import IdTransform, ServedRows
 
 if TYPE_CHECKING:
     from recsys.config import TableConfig
 
-INIT_SEED = 0x1717
 FILTER_DEPTH = 4
 NO_TIME = torch.iinfo(torch.int64).min  # the newest event time of a batch without any
-
-
-def initial_rows(ids: torch.Tensor, dim: int, bound: float) -> torch.Tensor:
-    """Uniform(-bound, bound) rows, a pure function of each ID: the same on any rank."""
-    per_id = hash64(ids.reshape(-1), INIT_SEED).unsqueeze(1)
-    bits = hash64(per_id + torch.arange(dim), INIT_SEED + 1)
-    unit = ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
-    return ((2.0 * unit - 1.0) * bound).to(torch.float32)
 
 
 @dataclass
@@ -113,6 +105,8 @@ class CollisionlessTransform(IdTransform):
             `filter_width * num_shards / buckets` cells per bucket and row (rounded up to a
             power of two), so its layout does not depend on the world size.
         buckets: ownership buckets, fixed for the life of the data.
+        init: how a row given to an ID starts, a function of the ID (`RowInit.rows_of`);
+            default torchrec's U(-sqrt(1/rows), sqrt(1/rows)) of the table's rows.
     """
 
     def __init__(
@@ -129,6 +123,7 @@ class CollisionlessTransform(IdTransform):
         policy: Policy = "evict_lru",
         filter_width: int | None = None,
         buckets: int = 4096,
+        init: RowInit | None = None,
     ) -> None:
         super().__init__()
         if policy not in ("evict_lru", "evict_lfu"):
@@ -140,7 +135,7 @@ class CollisionlessTransform(IdTransform):
         self.filter_width = filter_width or 1 << max(4, math.ceil(math.log2(2 * capacity)))
         per_bucket = self.filter_width * num_shards / buckets
         self.bucket_width = 1 << max(0, math.ceil(math.log2(per_bucket)))
-        self.init_bound = math.sqrt(1.0 / (capacity * num_shards))  # torchrec's EBC default
+        self.row_init = init or RowInit("uniform", math.sqrt(1.0 / (capacity * num_shards)))
         self.default = nn.Parameter(torch.zeros(dim))
         # Plain attributes, not submodules: per-rank state (see the module docstring).
         self.shards: dict[int, _Shard] = {s: self.new_shard(s) for s in range(num_shards)}
@@ -246,7 +241,7 @@ class CollisionlessTransform(IdTransform):
             self._storage = (ebc, table_storage(ebc, self.name))
         weight, states, first_row = self._storage[1]
         local = (rows - first_row).to(weight.device)
-        init = initial_rows(ids, self.dim, self.init_bound)
+        init = self.row_init.rows_of(ids, self.dim)
         weight.index_copy_(0, local, init.to(weight.device, weight.dtype))
         for state in states:
             state.index_fill_(0, local, 0)

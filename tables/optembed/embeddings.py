@@ -55,6 +55,7 @@ def _collection(specs: list[TableSpec], device: torch.device | None) -> Embeddin
                 num_embeddings=s.num_rows,
                 feature_names=list(s.features),
                 pooling=PoolingType.SUM,  # one row per bag: the sum is the row
+                init_fn=s.init,
             )
             for s in specs
         ],

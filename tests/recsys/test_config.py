@@ -72,6 +72,29 @@ def test_overrides_apply_with_yaml_types(tmp_path: Path) -> None:
         (["tables.0.min_count=2"], "tables[0]: min_count is only for variants ['full', "),
         (["tables.0.probes=2"], "tables[0]: probes is only for variant 'multiplexed', not 'hash'"),
         (["tables.0.attention_dim=4"], "attention_dim is only for variant 'decoupled'"),
+        (["tables.0.init.std=0"], "tables[0].init.std: Input should be greater than 0"),
+        (["tables.0.init.std=-1e-4"], "tables[0].init.std: Input should be greater than 0"),
+        (
+            ["tables.0.init={distribution: uniform, bound: 0}"],
+            "tables[0].init.bound: Input should be greater than 0",
+        ),
+        (
+            ["tables.0.init=xavier"],
+            "tables[0].init: distribution 'xavier' is not one of ['normal', 'uniform']",
+        ),
+        (
+            ["tables.0.init={distribution: uniform, std: 0.1}"],
+            "tables[0].init: std is only for distribution 'normal', not 'uniform'",
+        ),
+        (
+            ["tables.0.init.bound=0.1"],
+            "tables[0].init: bound is only for distribution 'uniform', not 'normal'",
+        ),
+        (
+            ["tables.0.init.mean=0"],
+            "tables[0].init: mean is not an init key; distribution 'normal' takes ['std']",
+        ),
+        (["tables.0.init=3"], "tables[0].init: init should be 'normal', 'uniform' or"),
         (["tables.0.features=[a]"], "sparse features without a table: ['b']"),
         (["tables.0.features=[a, b, zz]"], "'zz' is not a sparse feature"),
         (["model.dense_arch=[16, 4]"], "dense_arch must end at the embedding_dim 8"),
@@ -103,6 +126,20 @@ def test_bad_config_names_file_and_key(tmp_path: Path, overrides: list[str], mes
     assert message in str(err.value)
     if "key=value" not in message and "index" not in message:
         assert str(path) in str(err.value)
+
+
+def test_table_init_defaults_to_normal_1e_4_and_takes_either_distribution(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path, MINIMAL)
+    init = load_config(path).tables[0].init
+    assert (init.distribution, init.std) == ("normal", 1e-4)
+    init = load_config(path, ["tables.0.init.std=0.01"]).tables[0].init
+    assert (init.distribution, init.std) == ("normal", 0.01)
+    init = load_config(path, ["tables.0.init=uniform"]).tables[0].init
+    assert (init.distribution, init.bound) == ("uniform", None)
+    init = load_config(path, ["tables.0.init={distribution: uniform, bound: 0.05}"]).tables[0].init
+    assert init.bound == 0.05
 
 
 def test_shared_table_needs_name_and_sequence_target_must_exist(tmp_path: Path) -> None:

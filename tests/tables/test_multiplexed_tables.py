@@ -186,6 +186,22 @@ def test_budget_tables_stay_within_budget() -> None:
     assert all(t.variant == "full" for t in budget_tables(tables, "full", budget, rows))
 
 
+def test_budget_tables_keep_the_entries_init() -> None:
+    tables = config_from_dict(
+        {
+            "name": "b",
+            "features": {"sparse": ["a", "b"]},
+            "tables": [
+                {"features": ["a", "b"], "variant": "hash", "num_embeddings": 9}
+                | {"init": {"distribution": "uniform", "bound": 0.2}}
+            ],
+        }
+    ).tables
+    for variant in ("full", "hash", "qr", "multiplexed"):
+        derived = budget_tables(tables, variant, 64 * 40, {"a": 50, "b": 60})
+        assert {(t.init.distribution, t.init.bound) for t in derived} == {("uniform", 0.2)}
+
+
 # ------------------------------------------------------------------------------ sharding
 
 WORLD = 2

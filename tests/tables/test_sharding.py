@@ -43,6 +43,8 @@ from torchrec.distributed.types import (
     ShardingPlan,
 )
 
+from tables import initializers
+from tables.initializers import RowInit
 from tables.sharding import (
     apply_sparse_optimizer,
     check_plan,
@@ -66,10 +68,22 @@ DENSE_LR = 0.05
 ATOL = 1e-5
 SPLIT_TYPES = ("row_wise", "column_wise", "table_row_wise")
 
+# Tables drawn by a `RowInit` start sharded as unsharded; the others get torchrec's
+# default, which draws per shard (the cases then copy the reference's rows in).
 POOLED_TABLES = [
-    EmbeddingBagConfig(name="t_user", embedding_dim=16, num_embeddings=64, feature_names=["user"]),
     EmbeddingBagConfig(
-        name="t_item", embedding_dim=32, num_embeddings=100, feature_names=["item", "clicked"]
+        name="t_user",
+        embedding_dim=16,
+        num_embeddings=64,
+        feature_names=["user"],
+        init_fn=RowInit("normal", 0.1, seed=7),
+    ),
+    EmbeddingBagConfig(
+        name="t_item",
+        embedding_dim=32,
+        num_embeddings=100,
+        feature_names=["item", "clicked"],
+        init_fn=RowInit("uniform", 0.2, seed=8),
     ),
     EmbeddingBagConfig(name="t_cat", embedding_dim=8, num_embeddings=41, feature_names=["cat"]),
     EmbeddingBagConfig(
@@ -81,7 +95,13 @@ POOLED_TABLES = [
     ),
 ]
 SEQUENCE_TABLES = [
-    EmbeddingConfig(name="s_item", embedding_dim=16, num_embeddings=80, feature_names=["hist"]),
+    EmbeddingConfig(
+        name="s_item",
+        embedding_dim=16,
+        num_embeddings=80,
+        feature_names=["hist"],
+        init_fn=RowInit("normal", 0.1, seed=9),
+    ),
     EmbeddingConfig(name="s_cat", embedding_dim=16, num_embeddings=41, feature_names=["hist_cat"]),
 ]
 
@@ -431,6 +451,12 @@ def _run_case(case: Case, rank: int) -> list[str]:
     reference = ReferenceTrainer(case, plans)
     _check_plan(plans, case, errors)
     _check_parameter_split(model, reference.model, kind, errors)
+    drawn = {t.name for t in kind.tables if isinstance(t.init_fn, RowInit)}
+    initial = _gather_full_state(model, rank)
+    for key, value in reference.model.state_dict().items():
+        drawn_here = key.split(".")[-2] in drawn and key in initial
+        if drawn_here and not torch.equal(initial[key], value):
+            errors.append(f"initial {key}: not the unsharded table's rows")
     _load_full_state(model, reference.model.state_dict())
     optimizer = combined_optimizer(
         model, case.optimizer, SPARSE_LR, lambda ps: torch.optim.SGD(ps, lr=DENSE_LR)
@@ -460,6 +486,7 @@ def _run_case(case: Case, rank: int) -> list[str]:
 
 def _worker(rank: int, port: int, out_path: str) -> None:
     """One rank: run every case, then rank 0 writes all ranks' mismatches as JSON."""
+    initializers.BLOCK_ROWS = 16  # so that shards and init blocks cut tables differently
     with gloo_group(rank, WORLD_SIZE, port):
         results: dict[str, list[str]] = {}
         for case in CASES:

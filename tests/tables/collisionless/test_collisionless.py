@@ -33,7 +33,8 @@ from recsys.serving.model import ServingModel, load_tables
 from tables.collisionless.report import table_report
 from tables.collisionless.state import load_id_maps, save_id_maps
 from tables.collisionless.storage import table_storage
-from tables.collisionless.transform import CollisionlessTransform, bind_ownership, initial_rows
+from tables.collisionless.transform import CollisionlessTransform, bind_ownership
+from tables.initializers import RowInit
 from tables.pooled import PooledEmbeddings, TableSpec
 from tables.sharding import combined_optimizer, shard_model
 from tables.transforms import ModuloHash
@@ -147,7 +148,7 @@ def test_filtered_ids_read_the_default_until_admitted() -> None:
     assert ids.tolist() == [5, 9] and len(set(rows.tolist())) == 2
     torch.testing.assert_close(out, _reference(sparse, bags))
     weight = sparse.ebc.embedding_bags["t"].weight.detach()
-    torch.testing.assert_close(weight[rows], initial_rows(ids, DIM, 1 / 8**0.5))
+    torch.testing.assert_close(weight[rows], RowInit("uniform", 1 / 8**0.5).rows_of(ids, DIM))
     counters = sparse.transforms["t"].take_counters()
     assert (counters.map.admitted, counters.map.filtered, counters.map.lookups) == (2, 1, 5)
 
@@ -163,7 +164,8 @@ def test_expiry_frees_rows_and_readmission_starts_fresh() -> None:
     assert sorted(transform.live_rows()[0].tolist()) == [2, 3]
     assert transform.take_counters().expired == 1
     out = sparse(_kjt([[1]]), torch.tensor([13])).values().detach()
-    torch.testing.assert_close(out[0], initial_rows(torch.tensor([1]), DIM, 1 / 8**0.5)[0])
+    start = RowInit("uniform", 1 / 8**0.5).rows_of(torch.tensor([1]), DIM)[0]
+    torch.testing.assert_close(out[0], start)
 
 
 def test_eval_mode_reads_without_admitting() -> None:
@@ -400,7 +402,7 @@ def _train(rank: int, world: int, ckpt: Path) -> dict[str, Any]:
     dense = build_model(cfg, {}, table_device=torch.device("meta")).dense.state_dict()
     dmp.module.dense.load_state_dict(dense)
     hashed, _, first = table_storage(dmp.module.sparse.ebc, "c")
-    hashed.copy_(initial_rows(torch.arange(first, first + hashed.shape[0]), DIM, 0.1))
+    hashed.copy_(RowInit("uniform", 0.1).rows_of(torch.arange(first, first + hashed.shape[0]), DIM))
     logits = _steps(dmp, optimizer, cfg, range(STEPS), rank)
     report = table_report(dmp.module.sparse, dist.group.WORLD)
     embeddings: dict[str, dict[int, list[float]]] = {}

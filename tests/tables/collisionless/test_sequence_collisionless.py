@@ -29,7 +29,7 @@ from tables.collisionless.ownership import hash64
 from tables.collisionless.report import table_report
 from tables.collisionless.sequence import SharedRowsTransform
 from tables.collisionless.storage import table_storage
-from tables.collisionless.transform import bind_ownership, collisionless_transforms, initial_rows
+from tables.collisionless.transform import bind_ownership, collisionless_transforms
 from tables.sharding import combined_optimizer, shard_model
 from tests.helpers import copy_full_state, gloo_group, spawn_ranks
 from tests.tables.test_sequence_tables import POSITIONS, seq_doc
@@ -388,7 +388,7 @@ def _reuse_worker(rank: int, port: int, out: str) -> None:
             if not trained[table][at].abs().sum() > 0:
                 errors.append(f"{table}: the reused rows had no optimizer state to clear")
             salted = ids[reused] if k == 0 else hash64(ids[reused], 0x5EC0 + k)
-            init = initial_rows(salted, weight.shape[1], transform.init_bound)
+            init = transform.row_init.rows_of(salted, weight.shape[1])
             if not torch.equal(weight[at], init):
                 errors.append(f"{table}: reused rows not re-initialized")
             if states[0][at].abs().sum() != 0:
