@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.console import chatter_to, report, run_log, set_verbosity
+from pipelines.console import chatter_to, report, run_folder, run_log, set_verbosity
 from pipelines.convert_cli import add_convert_commands
 from recsys.config import ConfigError, load_config
 
@@ -132,8 +132,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _run_config(checkpoint: str) -> Any:
     """The config a run (or one of its checkpoints) was trained with."""
-    path = Path(checkpoint)
-    run = path.parent if path.name.startswith("checkpoint_") else path
+    run = run_folder(checkpoint)
     if not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{checkpoint}: no run here (it has no config.yaml)")
     return load_config(run / "config.yaml")

@@ -67,11 +67,16 @@ def chatter_to(log_file: Path | None) -> None:
             logger.propagate = True
 
 
-def run_log(checkpoint: str | Path, command: str) -> Path | None:
-    """`logs/<command>.log` of the run a `--checkpoint` argument names (a run or one of
-    its checkpoints); None when there is no such run, whose error comes next."""
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run a `--checkpoint` argument names: the run itself or one of its checkpoints."""
     path = Path(checkpoint)
-    run = path.parent if path.name.startswith("checkpoint_") else path
+    return path.parent if path.name.startswith("checkpoint_") else path
+
+
+def run_log(checkpoint: str | Path, command: str) -> Path | None:
+    """`logs/<command>.log` of the run a `--checkpoint` argument names; None when there
+    is no such run, whose error comes next."""
+    run = run_folder(checkpoint)
     return run / LOGS_DIR / f"{command}.log" if run.is_dir() else None
 
 
@@ -126,12 +131,15 @@ class TreeMemory:
 
 
 def _new_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    """The complete lines written after `offset`, and the offset after them: a line still
+    being written is left for the next call, never printed or parsed in halves."""
     if not path.exists():
         return [], offset
-    with path.open() as f:
+    with path.open("rb") as f:
         f.seek(offset)
-        lines = f.readlines()
-        return lines, f.tell()
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    return complete.decode().splitlines(), offset + len(complete)
 
 
 @contextlib.contextmanager
@@ -149,7 +157,7 @@ def follow_run(run_dir: Path, metrics_file: str, memory: TreeMemory) -> Iterator
         memory.sample()
         lines, offsets[0] = _new_lines(console, offsets[0])
         for line in lines if show else []:
-            tqdm.write(line.rstrip("\n"), file=sys.stdout)
+            tqdm.write(line, file=sys.stdout)
         records, offsets[1] = _new_lines(metrics, offsets[1])
         for record in (json.loads(r) for r in records):
             if bar is not None and "loss" in record and "final" not in record:
@@ -174,7 +182,7 @@ def table(title: str, rows: list[tuple[str, Any]]) -> str:
     """A two-column summary table; rows whose value is None are left out."""
     shown = [(k, _format(v)) for k, v in rows if v is not None]
     width = max((len(k) for k, _ in shown), default=0)
-    rule = "-" * max(len(title), *(width + 2 + len(v) for _, v in shown))
+    rule = "-" * max([len(title), *(width + 2 + len(v) for _, v in shown)])
     return "\n".join([title, rule, *(f"{k.ljust(width)}  {v}" for k, v in shown)])
 
 

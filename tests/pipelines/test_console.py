@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.console import _new_lines
 from recsys.synth import generate
 from tests.pipelines.runs import REPO, SMALL_CTR, run_config
 
@@ -57,3 +58,17 @@ def test_verbose_shows_the_libraries_and_json_is_for_machines(log: Path) -> None
     result, _ = json.JSONDecoder().raw_decode(done.stdout[start:])
     assert result["run_dir"] == str(log / "runs" / "loud")
     assert result["peak_tree_rss_bytes"] > 0
+
+
+def test_a_line_being_written_is_left_for_the_next_read(tmp_path: Path) -> None:
+    """The driver follows files the workers append to: half a line is never printed or
+    parsed, and is read whole once its end is written."""
+    path = tmp_path / "console.log"
+    path.write_bytes(b'first\n{"step": 1')
+    lines, offset = _new_lines(path, 0)
+    assert (lines, offset) == (["first"], 6)
+    with path.open("ab") as out:
+        out.write(b', "loss": 0.5}\n')
+    lines, offset = _new_lines(path, offset)
+    assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 0.5}]
+    assert offset == path.stat().st_size
