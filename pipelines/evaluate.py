@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 import torch
@@ -43,8 +44,10 @@ class _Scorer:
             table, f, "Ray Data stream", on_bad_rows=self.cfg.data.on_bad_rows
         )
         batch = self.convert(clean)
-        with torch.no_grad():
-            probs = torch.sigmoid(self.model(batch)).numpy()
+        probs = np.empty(0, np.float32)  # a batch of bad rows only leaves none to score
+        if clean.num_rows:
+            with torch.no_grad():
+                probs = torch.sigmoid(self.model(batch)).numpy()
         columns = {"prob": probs, "label": batch.labels.numpy()}
         if batch.group is not None:
             columns["group"] = batch.group.numpy()

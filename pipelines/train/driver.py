@@ -36,6 +36,7 @@ from pipelines.train.curve import CURVE_FILE, plot_learning_curve
 from pipelines.train.meter import METRICS_FILE
 from pipelines.train.run_folder import RunFolder
 from pipelines.train.split import count_rows, make_split
+from pipelines.train.stream import drop_bad_rows
 from pipelines.train.worker import train_worker
 from recsys.config import ConfigError, ExperimentConfig
 from recsys.contract import BadRowCounts
@@ -93,13 +94,30 @@ def start_ray(address: str | None, workers: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def _in_order() -> DataConfig:
-    """Ray Train's ingest options with the training stream's order kept, so that the seeded
-    local shuffle sees the same rows in the same order on every run (what exact resume
-    needs; it costs the read tasks' freedom to hand blocks on as soon as they finish)."""
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return DataConfig(execution_options={"train": options})
+class TrainingIngest(DataConfig):
+    """Ray Train's ingest with the training stream's order kept, and validation split
+    without dropping rows.
+
+    Order: the seeded local shuffle must see the same rows in the same order on every run
+    (what exact resume needs; it costs the read tasks' freedom to hand blocks on as soon as
+    they finish). Validation: `streaming_split(equal=True)`, Ray's default, drops up to
+    one row per worker to balance them; validation scores every row instead, the ranks
+    keeping in step by themselves (`validation.validate`).
+    """
+
+    def __init__(self) -> None:
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True
+        super().__init__(datasets_to_split=["train"], execution_options={"train": options})
+
+    def configure(self, datasets: dict, world_size: int, *args: Any, **kwargs: Any) -> list:
+        rest = {name: ds for name, ds in datasets.items() if name != "valid"}
+        shards = super().configure(rest, world_size, *args, **kwargs)
+        if "valid" in datasets:
+            valid = datasets["valid"]
+            for shard, part in zip(shards, valid.streaming_split(world_size), strict=True):
+                shard["valid"] = part
+        return shards
 
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's name
@@ -163,6 +181,12 @@ def train(
         (run_dir / RAY_CHECKPOINT_SNAPSHOT).unlink(missing_ok=True)
         start_ray(address, cfg.train.workers)
         say(f"Ray started in {time.perf_counter() - started:.1f} s; training")
+        datasets = split.datasets(cfg.features.column_names())
+        if skipped.total:
+            datasets = {k: drop_bad_rows(d, cfg.features) for k, d in datasets.items()}
+            # the training rows left: the bad ones lie in either split, which one is
+            # known only by reading them (one pass, only when the preflight found some)
+            rows = datasets["train"].count()
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={
@@ -170,14 +194,14 @@ def train(
                 "run_dir": str(run_dir),
                 "skipped_rows": skipped.total,
                 "has_valid": split.valid_files is not None,
-                # every row an epoch should read, bad ones included: workers count the rest
+                # every row an epoch should read (bad ones are dropped before the split)
                 "train_rows": rows,
                 "verbose": verbosity() == "verbose",
             },
             scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            datasets=split.datasets(cfg.features.column_names()),
-            dataset_config=_in_order(),
+            datasets=datasets,
+            dataset_config=TrainingIngest(),
             run_config=RunConfig(
                 name=cfg.name,
                 storage_path=str(run_dir.parent),

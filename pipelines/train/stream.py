@@ -1,5 +1,6 @@
 """A worker's share of the training and validation streams, as validated Arrow tables,
-and the count of the rows Ray Data's equal split leaves unread."""
+the bad rows dropped before the streams are split, and the count of the rows Ray Data's
+equal split leaves unread."""
 
 from __future__ import annotations
 
@@ -7,11 +8,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import ray.data
 import torch
 import torch.distributed as dist
 
-from recsys.config import ExperimentConfig
+from recsys.config import ExperimentConfig, FeaturesConfig
 from recsys.contract import validate_table
+
+
+def drop_bad_rows(log: ray.data.Dataset, features: FeaturesConfig) -> ray.data.Dataset:
+    """The log without the rows `data.on_bad_rows: skip` drops (the preflight counted them).
+
+    They are dropped before `streaming_split(equal=True)` divides the stream: dropped in
+    the workers, a batch could shrink to one row or none (BatchNorm cannot train on
+    either), and workers would hold unequal rows."""
+
+    def clean(batch: pa.Table) -> pa.Table:
+        return validate_table(batch, features, "Ray Data stream", on_bad_rows="skip")[0]
+
+    return log.map_batches(clean, batch_format="pyarrow", zero_copy_batch=True)
 
 
 def arrow_batches(
@@ -43,15 +58,16 @@ def arrow_batches(
 
 
 def _validated(table: pa.Table, cfg: ExperimentConfig) -> tuple[int, pa.Table]:
-    clean, _ = validate_table(
-        table, cfg.features, "Ray Data stream", on_bad_rows=cfg.data.on_bad_rows
-    )
-    return table.num_rows, clean
+    """The batch, checked again: a bad row here is one the preflight did not see (bad
+    rows are dropped before the split), so it stops the run whatever `on_bad_rows` says."""
+    validate_table(table, cfg.features, "Ray Data stream (the log changed since the preflight?)")
+    return table.num_rows, table
 
 
 def unread_rows(pulled: int, train_rows: int, device: torch.device) -> int:
     """Training rows no worker read in the epoch (a collective call): the rows Ray Data's
-    `streaming_split(equal=True)` drops so that every worker takes as many batches."""
+    `streaming_split(equal=True)` drops so that every worker takes as many batches.
+    `train_rows` counts the good rows only: bad ones never reach the split."""
     read = torch.tensor([pulled], dtype=torch.int64, device=device)
     dist.all_reduce(read)
     return train_rows - int(read.item())

@@ -1,7 +1,8 @@
 """Validation during training: score the held-out split, track the best checkpoint, stop
 early when the monitored metric stops improving.
 
-The ranks' predictions go to rank 0 only (`gather_object`), which computes the metrics
+Every validation row is scored once (the split is not balanced by dropping rows). The ranks'
+predictions go to rank 0 only (`gather_object`), which computes the metrics
 once and broadcasts them: no rank holds everyone's predictions but rank 0, which needs
 them all for AUC. The monitor's state lives in the checkpointed progress, so a resumed
 run stops (and picks its best) where an uninterrupted one would.
@@ -9,10 +10,12 @@ run stops (and picks its best) where an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -101,9 +104,12 @@ def validate(
     probs, labels, groups = [], [], []
     model.eval()
     with torch.no_grad():
-        for _, table in batches(shard, cfg):
+        for table, real in _in_step((t for _, t in batches(shard, cfg)), device):
             batch = convert(table).to(device)
-            probs.append(torch.sigmoid(model(batch)).float().cpu().numpy())
+            prob = torch.sigmoid(model(batch)).float().cpu().numpy()
+            if not real:
+                continue
+            probs.append(prob)
             labels.append(batch.labels.cpu().numpy())
             if batch.group is not None:
                 groups.append(batch.group.cpu().numpy())
@@ -120,13 +126,35 @@ def validate(
     if rank == 0:
         assert parts is not None
         p, y = np.concatenate([q[0] for q in parts]), np.concatenate([q[1] for q in parts])
-        g = np.concatenate([q[2] for q in parts]) if local[2] is not None else None
+        grouped = [q[2] for q in parts if q[2] is not None]  # a rank may score no rows
+        g = np.concatenate(grouped) if grouped else None
         if len(y) and 0 < y.sum() < len(y):
             scores[0] = evaluate_predictions(y, p, g if cfg.eval.gauc else None)
         else:
             scores[0] = {"rows": len(y), "positives": int(y.sum())}
     dist.broadcast_object_list(scores, src=0)
     return scores[0]
+
+
+def _in_step(tables: Iterator[pa.Table], device: torch.device) -> Iterator[tuple[pa.Table, bool]]:
+    """A rank's validation batches, as (batch, real) pairs, until every rank has run out.
+
+    The validation split is not balanced (no row is dropped), so ranks may hold unequal
+    batches; a sharded model's forward is a collective, so a rank that has run out scores
+    a one-row stand-in (real=False, discarded) while others still score. The stand-in is a
+    row of the first rank that has one: a rank may receive no rows at all."""
+    first = next(tables, None)
+    samples: list[pa.Table | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(samples, None if first is None else first.slice(0, 1))
+    stand_in = next((s for s in samples if s is not None), None)
+    pending = first
+    while stand_in is not None:
+        left = torch.tensor([pending is not None], dtype=torch.int64, device=device)
+        dist.all_reduce(left, op=dist.ReduceOp.MAX)
+        if not left.item():
+            return
+        yield (stand_in, False) if pending is None else (pending, True)
+        pending = next(tables, None) if pending is not None else None
 
 
 def _joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:

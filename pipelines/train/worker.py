@@ -276,7 +276,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     epochs = range(resume_epoch, t.epochs) if not monitor.should_stop else range(0)
     for epoch in epochs:
         skip = start.batches if epoch == resume_epoch else 0
-        pulled = 0  # rows this worker read in the epoch, skipped ones included
+        pulled = 0  # rows this worker read in the epoch
         stream = arrow_batches(train_shard, cfg, shuffle_seed(cfg, epoch, rank))
         for i, (rows, table) in enumerate(stream):
             pulled += rows
