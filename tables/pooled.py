@@ -248,10 +248,11 @@ class PooledEmbeddings(nn.Module):
     def _remap_values(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Per-value transforms: raw IDs -> rows, keys kept, one tensor op per feature."""
         parts = torch.split(features.values(), features.length_per_key())
-        rows = [
-            self.transforms[self.feature_transform[key]](part)
-            for key, part in zip(features.keys(), parts, strict=True)
-        ]
+        rows = []
+        for key, part in zip(features.keys(), parts, strict=True):
+            transform = self.transforms[self.feature_transform[key]]
+            rows.append(transform(part))
+            transform.count_unknown(key, rows[-1])
         return KeyedJaggedTensor(
             keys=features.keys(),
             values=torch.cat(rows) if rows else features.values(),

@@ -194,6 +194,8 @@ class SequenceEmbeddings(nn.Module):
                 transform = self.transforms[field.transform]
                 target = transform(targets[field.target_key].values())
                 history = transform(histories[field.history_key].values())
+                transform.count_unknown(field.target_key, target)
+                transform.count_unknown(field.history_key, history)
             for role in _roles(field.decoupled):
                 values[_role_key(field.target_key, role)] = target
                 values[_role_key(field.history_key, role)] = history

@@ -53,6 +53,19 @@ class IdTransform(nn.Module):
         """What serving reads of `table` (one this transform serves), given its weights."""
         raise NotImplementedError
 
+    def count_unknown(self, feature: str, rows: torch.Tensor) -> None:
+        """Count, while training, the IDs of `feature` (mapped to `rows`) that have no row
+        of their own; most transforms give every ID one."""
+
+
+def unknown_ids(module: nn.Module) -> dict[str, int]:
+    """Per feature, the IDs counted by `IdTransform.count_unknown` in `module` so far."""
+    counts: dict[str, int] = {}
+    for transform in module.modules():
+        for feature, n in getattr(transform, "unknown", {}).items():
+            counts[feature] = counts.get(feature, 0) + int(n)
+    return counts
+
 
 class ModuloHash(IdTransform):
     """The hashing trick: row = raw ID mod rows (non-negative for negative IDs too)."""
@@ -86,10 +99,19 @@ class VocabularyLookup(IdTransform):
         if ids.numel() and not bool((ids[1:] > ids[:-1]).all()):
             raise ValueError("the vocabulary must be sorted and free of duplicates")
         self.register_buffer("ids", ids)
+        # IDs read as the OOV row in training, per feature (tensors: no sync per step)
+        self.unknown: dict[str, torch.Tensor] = {}
 
     @property
     def num_rows(self) -> int:
         return int(self.ids.numel()) + 1
+
+    def count_unknown(self, feature: str, rows: torch.Tensor) -> None:
+        """IDs out of the vocabulary: below `min_count`, beyond the `num_embeddings` cap,
+        or never seen in the training log's vocabulary pass."""
+        if self.training:
+            n = (rows == self.OOV_ROW).sum()
+            self.unknown[feature] = self.unknown[feature] + n if feature in self.unknown else n
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ids.numel() == 0:

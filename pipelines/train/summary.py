@@ -25,6 +25,14 @@ def best_validation(run_dir: Path) -> dict[str, Any] | None:
     return best
 
 
+def _per_feature(counts: dict[str, int] | None) -> str | None:
+    """`12,340 (item 12,000, user 340)`: the total, then the features that have some."""
+    if not counts:
+        return None
+    named = ", ".join(f"{f} {n:,}" for f, n in sorted(counts.items(), key=lambda c: -c[1]) if n)
+    return f"{sum(counts.values()):,} ({named})"
+
+
 def train_table(summary: dict[str, Any]) -> str:
     run_dir = Path(summary["run_dir"])
     m = summary["metrics"]
@@ -34,6 +42,7 @@ def train_table(summary: dict[str, Any]) -> str:
         ("training rows per epoch", m.get("train_rows")),
         ("rows skipped (bad)", skipped),
         ("rows unread per epoch", m.get("rows_unread_per_epoch")),
+        ("IDs read as the OOV row", _per_feature(m.get("unknown_ids"))),
         ("steps", m.get("step")),
         ("epochs completed", m.get("epoch")),
         ("stopped early", m.get("stopped_early")),

@@ -46,6 +46,7 @@ from recsys.config import ExperimentConfig
 from tables.collisionless.report import format_report, table_report
 from tables.collisionless.transform import bind_ownership, collisionless_transforms
 from tables.sharding import combined_optimizer, dense_parameters, shard_model
+from tables.transforms import unknown_ids
 
 
 def _dense_optimizer(cfg: ExperimentConfig) -> Any:
@@ -152,6 +153,19 @@ def _report(
         prune_checkpoints(run_dir, keep, protect=monitor.best_checkpoint)
 
 
+def _unknown_ids(model: torch.nn.Module, before: dict[str, int]) -> dict[str, int]:
+    """Per feature, the training IDs read as the out-of-vocabulary row since the run began
+    (a collective call): the ranks' counts since this start, plus `before`, what the
+    checkpoint this start resumed from had counted."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, unknown_ids(model))
+    total = dict(before)
+    for part in parts:
+        for feature, n in part.items():
+            total[feature] = total.get(feature, 0) + n
+    return total
+
+
 def _line(figures: dict[str, Any]) -> str:
     """`step=40 loss=0.5123 ... examples_per_s=35,440`: rates in whole units."""
     return " ".join(
@@ -250,8 +264,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid") if loop_config["has_valid"] else None
 
+    unknown_before = dict(progress.get("unknown_ids", {}))  # counted before the resume
+
     def report(metrics: dict[str, Any]) -> None:
-        _report(metrics, dmp, optimizer, progress, token, monitor, t.keep_checkpoints, run_dir)
+        state = {**progress, "unknown_ids": _unknown_ids(dmp, unknown_before)}
+        _report(metrics, dmp, optimizer, state, token, monitor, t.keep_checkpoints, run_dir)
 
     def validation(step: int) -> None:
         """Score the validation split at `step`, whose checkpoint is then due."""
@@ -348,6 +365,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     final["train_rows"] = loop_config["train_rows"]
     if unread is not None:
         final["rows_unread_per_epoch"] = unread
+    unknown = _unknown_ids(dmp, unknown_before)
+    if any(unknown.values()):
+        final["unknown_ids"] = unknown
     if collisionless:  # counters since the last log line; sizes as at the end
         final["tables"] = table_report(_tables_of(dmp.module), gloo)
     if rank == 0:

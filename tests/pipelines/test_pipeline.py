@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -13,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from pipelines.evaluate import evaluate
 from pipelines.export.writer import export
 from pipelines.train.driver import train
+from pipelines.train.split import make_split
 from recsys.config import ExperimentConfig
 from recsys.logs import read_validated
 from recsys.serving.model import ServingModel
@@ -60,6 +62,26 @@ def test_training_reports_progress_metrics_and_checkpoints(trained) -> None:
     assert final["train_rows"] == rows
     assert 0 <= final["rows_unread_per_epoch"] < cfg.train.workers
     assert (run / "vocabularies.npz").exists() and (run / "config.yaml").exists()
+
+
+def test_ids_read_as_the_oov_row_are_counted_per_feature(trained) -> None:
+    """With `min_count: 2`, every occurrence of an ID seen once in training reads the OOV
+    row: polars counts them on the training rows, one epoch's worth."""
+    cfg, _, result = trained
+    training = make_split(cfg).training_rows()
+    expected = {}
+    for f in cfg.features.sparse:
+        ids = pl.col(f.name).explode() if f.multi_valued else pl.col(f.name)
+        counts = training.select(ids.drop_nulls().alias("id")).group_by("id").len()
+        rare = counts.filter(pl.col("len") < cfg.tables[0].min_count)
+        expected[f.name] = rare.select(pl.col("len").sum()).collect().item()
+    counted = result["metrics"]["unknown_ids"]
+    unread = result["metrics"]["rows_unread_per_epoch"]
+    assert set(counted) == set(expected) and sum(expected.values()) > 0
+    if unread == 0:
+        assert counted == expected
+    else:  # the unread row's IDs may be among them
+        assert all(0 <= expected[f] - counted[f] <= unread * 8 for f in expected)
 
 
 def test_evaluate_matches_sklearn_on_the_models_predictions(trained) -> None:
