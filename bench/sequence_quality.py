@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from harness import init_single_rank_group, shard_for_training, train_in_order
 
-from pipelines.build import build_model, table_sharding
+from pipelines.build import build_model
 from recsys.batch import BatchConverter
 from recsys.config import ExperimentConfig, load_config
 from recsys.logs import parquet_files, read_validated
@@ -88,7 +88,7 @@ def _train_and_score(cfg: ExperimentConfig, log: Path) -> dict[str, float]:
     vocabularies = build_vocabularies(cfg, pl.scan_parquet(train_files, hive_partitioning=False))
     model = build_model(cfg, vocabularies, torch.device("meta"))
     t = cfg.train
-    dmp, optimizer = shard_for_training(model, cfg, table_sharding(model))
+    dmp, optimizer = shard_for_training(model, cfg, model.table_sharding())
     tables = (
         part
         for _ in range(t.epochs)

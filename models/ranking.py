@@ -24,6 +24,10 @@ class RankingModel(nn.Module):
         self.embedding_l2 = embedding_l2
         self._penalty: torch.Tensor | None = None
 
+    def table_sharding(self) -> dict[str, str]:
+        """Every physical table -> its sharding choice, as the tables were configured."""
+        return self.sparse.sharding()
+
     def forward(self, batch: Batch) -> torch.Tensor:
         pooled = self.sparse(batch.sparse, batch.timestamps)
         if self.training and self.embedding_l2:

@@ -37,6 +37,15 @@ class SequenceRankingModel(nn.Module):
         self.num_dense = num_dense
         self.pooled_keys = list(pooled.feature_names) if pooled is not None else []
 
+    def table_sharding(self) -> dict[str, str]:
+        """Every physical table -> its sharding choice, as the tables were configured."""
+        pooled = self.pooled.sharding() if self.pooled is not None else {}
+        return {**self.sequence.sharding(), **pooled}
+
+    def regularizer(self) -> Tensor | None:
+        """No loss term beside the data loss (embedding L2 is a CTR-model option)."""
+        return None
+
     def inputs(self, batch: Batch) -> SequenceInputs:
         if batch.sequences is None:
             raise ValueError("a sequence model needs a batch with sequence features")

@@ -101,14 +101,6 @@ def build_sequence_ranking(
     return SequenceRankingModel(sequence, model, pooled, num_dense)
 
 
-def table_sharding(model: RankingModel | SequenceRankingModel) -> dict[str, str]:
-    """Every physical table of the model -> its configured sharding choice."""
-    if isinstance(model, SequenceRankingModel):
-        pooled = model.pooled.specs if model.pooled is not None else []
-        return {**model.sequence.sharding(), **{s.name: s.sharding for s in pooled}}
-    return {s.name: s.sharding for s in model.sparse.specs}
-
-
 def _optembed_embeddings(
     cfg: ExperimentConfig,
     specs: list,

@@ -59,7 +59,7 @@ class CandidateScorer:
     def __init__(self, run: str, tables: list[pa.Table]) -> None:
         torch.set_num_threads(1)
         cfg, model, _ = load_trained(run)
-        if not isinstance(model.sparse, OptEmbedEmbeddings):
+        if not getattr(getattr(model, "sparse", None), "prunes_rows", False):
             raise ConfigError(f"{run}: not an optembed run (tables need variant: optembed)")
         self.dense = model.dense
         self.widths = model.sparse.feature_dims

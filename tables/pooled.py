@@ -17,7 +17,7 @@ and add the table's default embedding for the IDs that have none.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -202,6 +202,8 @@ class PooledEmbeddings(nn.Module):
     widths: the table's dim, times the number of lookups for virtual-feature variants.
     """
 
+    prunes_rows: ClassVar[bool] = False  # an export writes every row (see OptEmbed's)
+
     def __init__(
         self,
         specs: list[TableSpec],
@@ -310,6 +312,10 @@ class PooledEmbeddings(nn.Module):
             else:
                 out.append(self.transforms[kind].expand(part))
         return (out[0] if len(out) == 1 else KeyedJaggedTensor.concat(out)), missing
+
+    def sharding(self) -> dict[str, str]:
+        """Every physical table -> its configured sharding choice."""
+        return {s.name: s.sharding for s in self.specs}
 
     def forward(
         self, features: KeyedJaggedTensor, event_times: torch.Tensor | None = None

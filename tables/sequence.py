@@ -8,9 +8,8 @@ histories stay jagged all the way: the IDs of a batch go to torchrec `EmbeddingC
 as one `KeyedJaggedTensor` (target keys of length 1, history keys of the history lengths)
 and come back as [N, d] values, never padded to the longest history.
 
-Storage is torchrec's, so `DistributedModelParallel` shards these tables like the pooled
-ones, with fused optimizers and checkpoints. torchrec wants one width per collection, so
-tables are grouped into one collection per embedding dim.
+Storage is torchrec's (DMP shards these tables like the pooled ones, fused optimizers and
+checkpoints included); one collection per embedding dim, as torchrec wants one width each.
 
 Variants: a `full` or `hash` target table (one table serving attention and representation;
 the history reads the target's table) or a `decoupled` one (DARE): two tables `<name>@att`
@@ -49,8 +48,7 @@ class Field:
     """One part of a vector: its target and history lookup keys and the table it reads.
 
     `table` is the config table name (the time field: `<item table>@time`); `transform`
-    names the ID transform of its raw IDs (None for positions).
-    """
+    names the ID transform of its raw IDs (None for positions)."""
 
     name: str
     target_key: str
@@ -194,8 +192,8 @@ class SequenceEmbeddings(nn.Module):
                 transform = self.transforms[field.transform]
                 target = transform(targets[field.target_key].values())
                 history = transform(histories[field.history_key].values())
-                transform.count_unknown(field.target_key, target)
-                transform.count_unknown(field.history_key, history)
+                for key, rows in ((field.target_key, target), (field.history_key, history)):
+                    transform.count_unknown(key, rows)
             for role in _roles(field.decoupled):
                 values[_role_key(field.target_key, role)] = target
                 values[_role_key(field.history_key, role)] = history

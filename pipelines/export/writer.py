@@ -50,7 +50,6 @@ from recsys.serving.format import (
 from recsys.serving.manifest import ExportError, read_export, sha256_file
 from recsys.serving.model import load_tables
 from tables.multiplexed import VirtualFeatureTransform
-from tables.optembed.embeddings import OptEmbedEmbeddings
 from tables.pooled import PooledEmbeddings, TableSpec
 
 
@@ -131,7 +130,7 @@ def _pooled_export(
     """Pooled tables, the dense program over (dense, embeddings) and its input spec.
 
     An optembed model writes its compact tables instead (pipelines.export.pruned)."""
-    if isinstance(model.sparse, OptEmbedEmbeddings):
+    if model.sparse.prunes_rows:
         tables = compact_tables(model.sparse, out, dtype, _write_table)
     else:
         tables = pooled_tables(model.sparse, out, dtype, previous)
@@ -279,7 +278,7 @@ def export(
         "bytes": sum(t["bytes"] for t in tables),
         "storage_error": {t["name"]: t["storage_error"] for t in tables},
     }
-    if isinstance(getattr(model, "sparse", None), OptEmbedEmbeddings):
+    if getattr(getattr(model, "sparse", None), "prunes_rows", False):
         # optembed: the compact tables beside the tables they were cut from
         summary["id_bytes"] = sum(t["id_bytes"] for t in tables)
         summary["uncompacted_bytes"] = uncompacted_bytes(model.sparse, dtype)

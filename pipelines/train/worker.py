@@ -25,7 +25,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from pipelines.build import build_model, load_keep_masks, load_vocabularies, table_sharding
+from pipelines.build import build_model, load_keep_masks, load_vocabularies
 from pipelines.console import RunLines, worker_output
 from pipelines.train.checkpoint import (
     checkpoint_name,
@@ -217,8 +217,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         table_device=torch.device("meta"),
         keep=load_keep_masks(run_dir),
     )
-    # embedding L2 and optembed's threshold term (CTR models; sequence models have none)
-    regularizer = getattr(model, "regularizer", None)
     collisionless = any(collisionless_transforms(model))
     # IDs (and table stats) travel between ranks over a gloo group, even next to NCCL.
     gloo = dist.new_group(backend="gloo") if collisionless else None
@@ -227,7 +225,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     t = cfg.train
     dmp = shard_model(
         model,
-        sharding=table_sharding(model),
+        sharding=model.table_sharding(),
         optimizer=t.sparse_optimizer,
         lr=t.sparse_lr,
         pg=dist.GroupMember.WORLD,
@@ -305,7 +303,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             batch = convert(table).to(device, non_blocking=True)
             logits = dmp(batch)
             loss = loss_fn(logits, batch.labels)
-            penalty = regularizer() if regularizer is not None else None
+            penalty = model.regularizer()  # embedding L2, OptEmbed's threshold term
             objective = loss if penalty is None else loss + penalty
             optimizer.zero_grad()
             objective.backward()

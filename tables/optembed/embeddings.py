@@ -31,6 +31,7 @@ read the default, as they do in the compact export. Such tables pool by sum.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,9 @@ class OptEmbedEmbeddings(nn.Module):
     `single_valued` names the features with at most one ID per sample; tables that serve
     only such features are looked up in `ebc_single`, the others in `ebc_multi`.
     """
+
+    # pruned rows and searched dims: an export writes the compact tables instead
+    prunes_rows: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -157,6 +161,10 @@ class OptEmbedEmbeddings(nn.Module):
             return kept
         ids, rows = transform.live_rows()
         return ids[kept[rows]]
+
+    def sharding(self) -> dict[str, str]:
+        """Every physical table -> its configured sharding choice."""
+        return {s.name: s.sharding for s in self.specs}
 
     def collection_of(self, table: str) -> nn.Module:
         """The collection (sharded or not) that holds `table`."""

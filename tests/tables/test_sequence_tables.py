@@ -17,7 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from models.sequence_ranking import SequenceRankingModel
-from pipelines.build import build_model, save_vocabularies, table_sharding
+from pipelines.build import build_model, save_vocabularies
 from pipelines.export.writer import export
 from pipelines.train.checkpoint import save_checkpoint
 from recsys.batch import Batch, BatchConverter
@@ -180,7 +180,7 @@ def test_decoupled_tables_are_separate_and_named() -> None:
     }
     assert (specs["item@att"].dim, specs["item@rep"].dim) == (4, 8)
     assert specs["category@rep"].num_rows == len(CATEGORIES) + 1
-    assert set(table_sharding(model)) == set(specs)
+    assert set(model.table_sharding()) == set(specs)
     w = weights(model)
     assert w["item@att"].shape == (ITEM_ROWS, 4) and w["item@rep"].shape == (ITEM_ROWS, 8)
     # Gradients of a DARE loss reach both tables of the item feature, each its own.
@@ -302,7 +302,7 @@ def _sharding_worker(rank: int, port: int, out: str) -> None:
     with gloo_group(rank, WORLD, port):
         cfg = seq_cfg("dare", decoupled=True)
         reference = build(cfg, seed=0).eval()  # eval: BatchNorm uses running stats on both sides
-        sharding = {**table_sharding(reference), **SHARDING}
+        sharding = {**reference.table_sharding(), **SHARDING}
         model = shard_model(
             build(cfg, seed=1), sharding, "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
         )
@@ -427,7 +427,7 @@ def test_dense_and_other_sparse_features_join_the_head() -> None:
     )
     cfg = config_from_dict(doc)
     model = build(cfg)
-    assert model.pooled is not None and "shop" in table_sharding(model)
+    assert model.pooled is not None and "shop" in model.table_sharding()
     rng = np.random.default_rng(0)
     table = arrow_log(8, seed=4)
     table = table.append_column("shop", pa.array(rng.integers(0, 100, 8))).append_column(

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from models.sequence_ranking import SequenceRankingModel
-from pipelines.build import build_model, load_trained, save_vocabularies, table_sharding
+from pipelines.build import build_model, load_trained, save_vocabularies
 from pipelines.export.writer import export
 from pipelines.train.checkpoint import save_checkpoint
 from recsys.batch import BatchConverter
@@ -290,7 +290,7 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
         model = build_model(cfg, {}, table_device=torch.device("meta"))
         bind_ownership(model, rank, dist.new_group(backend="gloo"))
         model = shard_model(
-            model, table_sharding(reference), "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
+            model, reference.table_sharding(), "sgd", 0.1, dist.group.WORLD, torch.device("cpu")
         )
         copy_full_state(model, reference.state_dict())
         model.eval()
@@ -354,7 +354,7 @@ def _reuse_worker(rank: int, port: int, out: str) -> None:
         bind_ownership(model, 0, dist.new_group(backend="gloo"))
         dmp = shard_model(
             model,
-            table_sharding(model),
+            model.table_sharding(),
             "rowwise_adagrad",
             0.1,
             dist.group.WORLD,
