@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, help="distinct IDs in the stream")
     parser.add_argument("--capacity", type=int, help="rows of the table")
     parser.add_argument("--batch", type=int, default=65_536)
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per load factor")
+    parser.add_argument("--batches", type=int, help="timed batches per load factor (20; quick 4)")
     parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent")
     parser.add_argument(
         "--torch-ops", action="store_true", help="also time the map's torch-op reference path"
@@ -257,7 +257,8 @@ def main() -> None:
     capacity = args.capacity or (1 << 18 if args.quick else 1 << 22)
     torch.set_num_threads(1)
 
-    ranks = zipf_ranks(distinct, args.zipf, (args.batches + 1) * args.batch, seed=1)
+    num_batches = args.batches or (4 if args.quick else 20)
+    ranks = zipf_ranks(distinct, args.zipf, (num_batches + 1) * args.batch, seed=1)
     batches = list(raw_ids(ranks).split(args.batch))
     head = (ranks < capacity).double().mean().item()
     print(
