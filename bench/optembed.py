@@ -30,8 +30,9 @@ model), which bounds the overhead from above.
     python bench/optembed.py --rows-from pooled  # RESULT reports the pooled-rows supernet
                                                  # (default: the pipeline's layer)
 
-Goal (issue 6): masked lookup costs at most 25% throughput, i.e. supernet/plain >= 0.75.
-Last line: `RESULT optembed ratio=<x> goal=0.75 met=yes|no ...` (every supernet's figures).
+Goal (issue 6, raised by issue 20): masked lookup costs at most 10% throughput, i.e.
+supernet/plain >= 0.9. Last line: `RESULT optembed ratio=<x> goal=0.9 met=yes|no ...` (every
+supernet's figures).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ SPARSE_LR = 0.01
 DENSE_LR = 3e-4
 THRESHOLD_LR = 1e-4
 ALPHA = 1e-5
+GOAL = 0.9  # supernet / plain examples per second
 FEATURES = [f"c{i}" for i in range(NUM_SPARSE)]
 TABLE_WISE = {f"t_{f}": "table_wise" for f in FEATURES}
 
@@ -341,9 +343,9 @@ def main() -> None:
         )
     print(f"peak RSS {peak_rss_mib():.0f} MiB (four models, {4 * table_mib:.0f} MiB of tables)")
     head = args.rows_from
-    met = "yes" if ratio[head] >= 0.75 else "no"
+    met = "yes" if ratio[head] >= GOAL else "no"
     print(
-        f"RESULT optembed ratio={ratio[head]:.3f} goal=0.75 met={met} rows_from={head} "
+        f"RESULT optembed ratio={ratio[head]:.3f} goal={GOAL} met={met} rows_from={head} "
         f"malloc={'tuned' if tuned else 'default'} "
         f"plain_ex_s={full['plain']:.0f} supernet_ec_ex_s={full['ec']:.0f} "
         f"supernet_pooled_ex_s={full['pooled']:.0f} ec_ratio={ratio['ec']:.3f} "

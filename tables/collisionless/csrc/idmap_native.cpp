@@ -9,6 +9,11 @@
 // prefetches keep PREFETCH_DISTANCE IDs' cache lines in flight: the loop is bound by memory
 // latency, so overlapping the misses is most of the gain.
 //
+// Probes and stamps split the batch over torch's intra-op threads (`at::parallel_for`,
+// chunks of kGrain IDs, each with its own prefetch ring): a probe only reads, and a stamp
+// writes with atomics, since two IDs of a batch may share a row. Inserts stay serial: a
+// displacement chain may cross any slot, and only new IDs insert.
+//
 // The hash and the choice arithmetic are the ones in tables/idmap.py and recsys/hashing.py,
 // bit for bit (splitmix64 finalizer of id XOR salt; choice j = h + j * ((h >> 32) | 1),
 // arithmetic shift, masked to the power-of-two array), so both paths agree on every slot.
@@ -16,6 +21,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,6 +32,7 @@ namespace {
 
 constexpr int64_t kChoices = 3;
 constexpr int64_t kPrefetchDistance = 16;
+constexpr int64_t kGrain = 8192;  // IDs per thread's chunk: well above the prefetch lead
 
 inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -66,32 +73,34 @@ at::Tensor probe(const at::Tensor& keys, const at::Tensor& vals, const at::Tenso
   int64_t* out = slots.data_ptr<int64_t>();
   const uint64_t mask = static_cast<uint64_t>(keys.numel() - 1);
 
-  Hashed ring[kPrefetchDistance];
-  const int64_t lead = std::min(n, kPrefetchDistance);
-  for (int64_t i = 0; i < lead; ++i) {
-    ring[i] = hashed(id[i], salt);
-    __builtin_prefetch(key + (ring[i].first & mask));
-    __builtin_prefetch(val + (ring[i].first & mask));
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const Hashed h = ring[i % kPrefetchDistance];
-    const int64_t ahead = i + kPrefetchDistance;
-    if (ahead < n) {
-      const Hashed next = hashed(id[ahead], salt);
-      ring[ahead % kPrefetchDistance] = next;
-      __builtin_prefetch(key + (next.first & mask));
-      __builtin_prefetch(val + (next.first & mask));
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    Hashed ring[kPrefetchDistance];
+    const int64_t lead = std::min(end, begin + kPrefetchDistance);
+    for (int64_t i = begin; i < lead; ++i) {
+      ring[i % kPrefetchDistance] = hashed(id[i], salt);
+      __builtin_prefetch(key + (ring[i % kPrefetchDistance].first & mask));
+      __builtin_prefetch(val + (ring[i % kPrefetchDistance].first & mask));
     }
-    int64_t slot = -1;
-    for (int64_t j = 0; j < kChoices; ++j) {
-      const uint64_t pos = (h.first + static_cast<uint64_t>(j) * h.step) & mask;
-      if (key[pos] == id[i] && val[pos] >= 0) {
-        slot = val[pos];
-        break;
+    for (int64_t i = begin; i < end; ++i) {
+      const Hashed h = ring[i % kPrefetchDistance];
+      const int64_t ahead = i + kPrefetchDistance;
+      if (ahead < end) {
+        const Hashed next = hashed(id[ahead], salt);
+        ring[ahead % kPrefetchDistance] = next;
+        __builtin_prefetch(key + (next.first & mask));
+        __builtin_prefetch(val + (next.first & mask));
       }
+      int64_t slot = -1;
+      for (int64_t j = 0; j < kChoices; ++j) {
+        const uint64_t pos = (h.first + static_cast<uint64_t>(j) * h.step) & mask;
+        if (key[pos] == id[i] && val[pos] >= 0) {
+          slot = val[pos];
+          break;
+        }
+      }
+      out[i] = slot;
     }
-    out[i] = slot;
-  }
+  });
   return slots;
 }
 
@@ -189,22 +198,29 @@ void touch(at::Tensor last_seen, at::Tensor counts, const at::Tensor& slots,
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(slot[i] < rows, "slot ", slot[i], " beyond ", rows, " rows");
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t ahead = i + kPrefetchDistance;
-    if (ahead < n && slot[ahead] >= 0) {
-      __builtin_prefetch(seen + slot[ahead], 1);
-      __builtin_prefetch(count + slot[ahead], 1);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ahead = i + kPrefetchDistance;
+      if (ahead < end && slot[ahead] >= 0) {
+        __builtin_prefetch(seen + slot[ahead], 1);
+        __builtin_prefetch(count + slot[ahead], 1);
+      }
+      const int64_t s = slot[i];
+      if (s < 0) {
+        continue;
+      }
+      const int64_t t = per_slot ? time[i] : time[0];
+      if (per_slot) {  // keep the latest time: a compare-and-swap loop on the row's stamp
+        int64_t held = __atomic_load_n(seen + s, __ATOMIC_RELAXED);
+        while (t > held && !__atomic_compare_exchange_n(seen + s, &held, t, true,
+                                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        }
+      } else {
+        __atomic_store_n(seen + s, t, __ATOMIC_RELAXED);
+      }
+      __atomic_fetch_add(count + s, 1, __ATOMIC_RELAXED);
     }
-    const int64_t s = slot[i];
-    if (s < 0) {
-      continue;
-    }
-    const int64_t t = per_slot ? time[i] : time[0];
-    if (!per_slot || t > seen[s]) {
-      seen[s] = t;
-    }
-    count[s] += 1;
-  }
+  });
 }
 
 // The `target` live rows not in `protect` that are lowest by (scores..., slot), as
