@@ -61,10 +61,30 @@ def chatter_to(log_file: Path | None) -> None:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
     for name in list(logging.root.manager.loggerDict):
-        if name == "ray" or name.startswith("ray."):  # Ray attaches its own stderr handlers
+        # Ray and torch (torch._logging: `W1207 ... torch/fx/...] ...`) attach their own
+        # stderr handlers and stop propagation; their records go to the file too.
+        if name.split(".")[0] in ("ray", "torch"):
             logger = logging.getLogger(name)
             logger.handlers = []
             logger.propagate = True
+
+
+def raylet_messages_to_log() -> None:
+    """Send the errors and warnings Ray's raylet publishes to the driver (`(raylet)
+    WARNING: 12 PYTHON worker processes have been started ...`) to the log, unless
+    --verbose. Ray's driver prints them to stdout from a thread of its own whatever
+    `log_to_driver` says, through `ray._private.worker.print_to_stdstream`, which that
+    thread looks up on every message; without `log_to_driver` nothing else calls it."""
+    if _verbosity == "verbose":
+        return
+    import ray._private.worker as ray_worker
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        source = logging.getLogger(f"ray.{data.get('pid', 'raylet')}")
+        for line in data.get("lines", []):
+            source.warning(line)
+
+    ray_worker.print_to_stdstream = to_log
 
 
 def run_folder(checkpoint: str | Path) -> Path:
