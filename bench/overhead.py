@@ -40,7 +40,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402  (bench/peers, beside this file)
+import peers  # bench/peers, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "demo.yaml"
@@ -132,7 +132,7 @@ def train_phases(run: Path, start: float, wall: float) -> dict[str, float | None
     marks = [
         ("imports and run folder", start),
         ("preflight, split, vocabularies", _first(driver, "recsys: train ")),
-        ("ray.init", _first(driver, "recsys: vocabularies built") or _first(driver, "logs checked")),
+        ("ray.init", _first(driver, "vocabularies built") or _first(driver, "logs checked")),
         ("trainer and worker group start (imports in workers)", _first(driver, "Ray started in")),
         ("model build, planner, sharding", _first(worker)),
         ("stream start: wait for the first batch", _first(worker, "requesting new epoch")),
@@ -162,8 +162,7 @@ def fuxictr_job(cfg: Any, log: Path, out: Path) -> dict[str, Any]:
     f = cfg.features
     features = [{"name": d.name, "type": "numeric", "fill_na": 0.0} for d in f.dense]
     features += [
-        {"name": s.name, "type": "sequence" if s.multi_valued else "categorical"}
-        for s in f.sparse
+        {"name": s.name, "type": "sequence" if s.multi_valued else "categorical"} for s in f.sparse
     ]
     return {
         "train": str(train),
