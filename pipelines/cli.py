@@ -145,6 +145,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from recsys.metrics import evaluate_predictions
     from recsys.serving.model import ServingModel
 
+    # library chatter (torch.export's loader) beside the output: there is no run folder here
+    chatter_to(Path(args.out).with_suffix(".log") if args.out else None)
     model = ServingModel(args.export)
     if args.with_metrics:  # known from the schemas: refused before any row is scored
         label = model.features.label
