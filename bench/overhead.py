@@ -55,21 +55,32 @@ class TreePeak:
     def __init__(self) -> None:
         self.peak = 0
         self.processes = 0
+        self.by_name: dict[str, list[int]] = {}  # at the peak: name -> [processes, bytes]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         me = psutil.Process()
         while not self._stop.wait(0.2):
-            total, count = 0, 0
+            total, count, by_name = 0, 0, {}
             for p in me.children(recursive=True):
                 try:
-                    total += p.memory_info().rss
-                    count += 1
+                    rss = p.memory_info().rss
+                    name = _name(p)
                 except psutil.Error:
                     continue
+                total += rss
+                count += 1
+                entry = by_name.setdefault(name, [0, 0])
+                entry[0] += 1
+                entry[1] += rss
             if total > self.peak:
-                self.peak, self.processes = total, count
+                self.peak, self.processes, self.by_name = total, count, by_name
+
+    def top(self, n: int = 6) -> str:
+        """The largest kinds of process at the peak: `name xcount MiB`."""
+        kinds = sorted(self.by_name.items(), key=lambda kv: -kv[1][1])[:n]
+        return ", ".join(f"{k} x{c} {b / 2**20:,.0f} MiB" for k, (c, b) in kinds)
 
     def __enter__(self) -> TreePeak:
         self._thread.start()
@@ -78,6 +89,16 @@ class TreePeak:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _name(p: psutil.Process) -> str:
+    """A process's kind: Ray's title (`ray::RayTrainWorker`, `ray::IDLE`), the raylet's
+    and GCS's binary, or the script a python runs."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    scripts = [Path(c).name for c in cmd[1:3] if c.endswith(".py") or c.startswith("pipelines")]
+    return scripts[0] if scripts else p.name()
 
 
 def recsys(*args: str, log: Path) -> tuple[float, float]:
@@ -291,6 +312,8 @@ def main() -> None:
         f"(test AUC {peer['test_auc']:.4f}), ratio {figures['memory_ratio']:.2f}",
         flush=True,
     )
+    print(f"  engine at its peak: {memory_peak.top()}")
+    print(f"  FuxiCTR at its peak: {peer_peak.top()}", flush=True)
 
     met = {key: figures[key] <= goal for key, goal in GOALS.items()}
     unmet = [key for key, ok in met.items() if not ok]
