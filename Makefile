@@ -43,7 +43,6 @@ DEMO_ROWS ?= 400000
 demo: $(STAMP)
 	rm -rf out/demo
 	$(VENV)/bin/recsys gen-data conf/demo.yaml --rows $(DEMO_ROWS) --out out/demo/log
-	$(VENV)/bin/recsys stats conf/demo.yaml
 	$(VENV)/bin/recsys train conf/demo.yaml
 	$(VENV)/bin/recsys evaluate --checkpoint out/demo/runs/demo --data out/demo/log/day=2026-01-04
 	$(VENV)/bin/recsys export --checkpoint out/demo/runs/demo --out out/demo/export

@@ -145,6 +145,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from recsys.metrics import evaluate_predictions
     from recsys.serving.model import ServingModel
 
+    # library chatter (torch.export's loader) beside the output: there is no run folder here
+    chatter_to(Path(args.out).with_suffix(".log") if args.out else None)
     model = ServingModel(args.export)
     if args.with_metrics:  # known from the schemas: refused before any row is scored
         label = model.features.label
@@ -161,6 +163,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         groups = scored.column("group").to_numpy() if "group" in scored.column_names else None
         summary.update(evaluate_predictions(scored.column("label").to_numpy(), probs, groups))
     _show(args, f"predict: {args.data}", summary)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from pipelines.report import write_report
+
+    chatter_to(run_log(args.run, "report"))
+    _show(args, f"report: {args.run}", {"page": str(write_report(args.run, args.out))})
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -275,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the probabilities to this Parquet file")
     p.add_argument("--with-metrics", action="store_true", help="also print AUC etc. (needs labels)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run, readable offline")
+    p.add_argument("run", help="run directory (train.run_dir/name)")
+    p.add_argument("--out", help="HTML file to write (default: <run>/report.html)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "serve",

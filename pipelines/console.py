@@ -61,10 +61,30 @@ def chatter_to(log_file: Path | None) -> None:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
     for name in list(logging.root.manager.loggerDict):
-        if name == "ray" or name.startswith("ray."):  # Ray attaches its own stderr handlers
+        # Ray and torch (torch._logging: `W1207 ... torch/fx/...] ...`) attach their own
+        # stderr handlers and stop propagation; their records go to the file too.
+        if name.split(".")[0] in ("ray", "torch"):
             logger = logging.getLogger(name)
             logger.handlers = []
             logger.propagate = True
+
+
+def raylet_messages_to_log() -> None:
+    """Send the errors and warnings Ray's raylet publishes to the driver (`(raylet)
+    WARNING: 12 PYTHON worker processes have been started ...`) to the log, unless
+    --verbose. Ray's driver prints them to stdout from a thread of its own whatever
+    `log_to_driver` says, through `ray._private.worker.print_to_stdstream`, which that
+    thread looks up on every message; without `log_to_driver` nothing else calls it."""
+    if _verbosity == "verbose":
+        return
+    import ray._private.worker as ray_worker
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        source = logging.getLogger(f"ray.{data.get('pid', 'raylet')}")
+        for line in data.get("lines", []):
+            source.warning(line)
+
+    ray_worker.print_to_stdstream = to_log
 
 
 def run_folder(checkpoint: str | Path) -> Path:
@@ -207,13 +227,33 @@ def seconds(t: float) -> str:
 def report(title: str, data: dict[str, Any]) -> str:
     """A command's JSON-ready result as text: scalars (and small lists) in a two-column
     table, each list of records or mapping of records as a table of its own."""
-    scalars = [(k, v) for k, v in data.items() if not _is_records(v)]
-    blocks = [table(title, [(k, _short(v)) for k, v in scalars])]
+    scalars = [(k, _short(v)) for k, v in data.items() if not _is_records(v)]
+    blocks = [_folded_table(title, scalars)]
     for key, value in data.items():
         if _is_records(value):
             rows = value if isinstance(value, list) else [{key: k, **v} for k, v in value.items()]
             blocks.append(_columns(key, rows))
     return "\n\n".join(blocks)
+
+
+def _folded_table(title: str, rows: list[tuple[str, Any]]) -> str:
+    """`table`, with its short rows in two side-by-side halves when there are more than
+    FOLD_AFTER / 2 of them; rows too wide for a half keep a line each, above."""
+    shown = [(k, _format(v)) for k, v in rows if v is not None]
+    key_width = max((len(k) for k, _ in shown), default=0)
+    half = (WIDTH - 4) // 2
+    lines = [f"{k.ljust(key_width)}  {v}" for k, v in shown]
+    short = [line for line in lines if len(line) <= half]
+    if len(short) <= FOLD_AFTER // 2:
+        return table(title, rows)
+    height = -(-len(short) // 2)
+    left, right = short[:height], short[height:]
+    folded = [
+        (a.ljust(half) + "    " + right[i]) if i < len(right) else a for i, a in enumerate(left)
+    ]
+    body = [line for line in lines if len(line) > half] + folded
+    rule = "-" * max([len(title), *(len(line) for line in body)])
+    return "\n".join([title, rule, *body])
 
 
 def _is_records(value: Any) -> bool:
@@ -231,7 +271,13 @@ def _short(value: Any) -> Any:
     return value
 
 
+WIDTH = 100  # the console width a tall, narrow table folds into
+FOLD_AFTER = 12  # rows a table shows in one column before it folds
+
+
 def _columns(title: str, rows: list[dict[str, Any]]) -> str:
+    """A table of records; one taller than FOLD_AFTER rows and narrow enough folds into
+    side-by-side panels, each with the header, as `ls` does with names."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
     cells = [[_format(_short(row.get(k, ""))) for k in keys] for row in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
@@ -239,5 +285,16 @@ def _columns(title: str, rows: list[dict[str, Any]]) -> str:
     def line(values: list[str]) -> str:
         return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
 
-    header = line(keys)
-    return "\n".join([title, "-" * len(header), header, *(line(c) for c in cells)])
+    header, body = line(keys), [line(c) for c in cells]
+    width = max(len(header), *(len(b) for b in body))
+    panels = min(max(1, (WIDTH + 4) // (width + 4)), -(-len(body) // FOLD_AFTER))
+    if panels == 1:
+        return "\n".join([title, "-" * len(header), header, *body])
+    height = -(-len(body) // panels)
+    columns = [body[i : i + height] for i in range(0, len(body), height)]
+    lines = [
+        "    ".join(c[r].ljust(width) if r < len(c) else "" for c in columns).rstrip()
+        for r in range(height)
+    ]
+    heading = "    ".join([header.ljust(width)] * len(columns)).rstrip()
+    return "\n".join([title, "-" * len(heading), heading, *lines])

@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from pipelines.build import load_trained
-from pipelines.train.driver import start_ray
 from recsys.batch import BatchConverter
 from recsys.config import ConfigError
 from recsys.contract import BadRowCounts, validate_table
@@ -112,7 +110,14 @@ def _new_folder(cfg: Any, progress: dict[str, Any]) -> Path:
 
 
 def _score_on_ray(data: str | Path, cfg: Any, checkpoint: str, workers: int) -> pa.Table:
-    """(prob, label[, group]) of every row, scored by `workers` Ray Data actors."""
+    """(prob, label[, group]) of every row, scored by `workers` Ray Data actors.
+
+    Ray and Ray Train's driver are imported here: one worker scores without them, and
+    their imports cost seconds of every `recsys evaluate`."""
+    import ray
+
+    from pipelines.train.driver import start_ray
+
     start_ray(None, workers)
     files = [str(p) for p in parquet_files(data)]
     predictions = ray.data.read_parquet(

@@ -31,7 +31,15 @@ from pipelines.build import (
     run_checkpoint,
     save_vocabularies,
 )
-from pipelines.console import LOGS_DIR, TreeMemory, chatter_to, follow_run, say, verbosity
+from pipelines.console import (
+    LOGS_DIR,
+    TreeMemory,
+    chatter_to,
+    follow_run,
+    raylet_messages_to_log,
+    say,
+    verbosity,
+)
 from pipelines.train.curve import CURVE_FILE, plot_learning_curve
 from pipelines.train.meter import METRICS_FILE
 from pipelines.train.run_folder import RunFolder
@@ -86,6 +94,7 @@ def start_ray(address: str | None, workers: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     verbose = verbosity() == "verbose"
     quiet = {"log_to_driver": verbose, "configure_logging": verbose}
+    raylet_messages_to_log()
     if address:
         ray.init(address=address, **quiet)
     else:

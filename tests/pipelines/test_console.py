@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.console import _new_lines
 from recsys.synth import generate
-from tests.pipelines.runs import REPO, SMALL_CTR, run_config
+from tests.pipelines.runs import HELD_OUT_DAY, REPO, SMALL_CTR, run_config
 
 RECSYS = Path(sys.executable).with_name("recsys")
 CHATTER = "GreedyPerfPartitioner"  # torchrec's sharding planner, a hundred lines a run
@@ -26,16 +26,34 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
-def _train(tmp: Path, name: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    overrides = [f"data.train={tmp / 'log'}", f"train.run_dir={tmp / 'runs'}", f"name={name}"]
-    command = [str(RECSYS), "train", "conf/demo.yaml", *SMALL_CTR, *overrides, *flags]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+def _recsys(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [str(RECSYS), *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def test_the_console_shows_the_runs_lines_once_and_a_summary(log: Path) -> None:
-    done = _train(log, "plain", "train.log_every=2")
+def _train(tmp: Path, name: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    overrides = [f"data.train={tmp / 'log'}", f"train.run_dir={tmp / 'runs'}", f"name={name}"]
+    return _recsys("train", "conf/demo.yaml", *SMALL_CTR, *overrides, *flags)
+
+
+@pytest.fixture(scope="module")
+def demo(log: Path) -> dict[str, subprocess.CompletedProcess[str]]:
+    """The commands of `make demo` after gen-data, on the small log: what each printed."""
+    run, day = log / "runs" / "plain", str(log / "log" / HELD_OUT_DAY)
+    scored = ["--data", day, "--with-metrics", "--out", str(log / "predictions.parquet")]
+    return {
+        "train": _train(log, "plain", "train.log_every=2"),
+        "evaluate": _recsys("evaluate", "--checkpoint", str(run), "--data", day),
+        "export": _recsys("export", "--checkpoint", str(run), "--out", str(log / "export")),
+        "predict": _recsys("predict", "--export", str(log / "export"), *scored),
+    }
+
+
+def test_the_console_shows_the_runs_lines_once_and_a_summary(log: Path, demo: dict) -> None:
+    done = demo["train"]
     lines = done.stdout.splitlines()
     run = log / "runs" / "plain"
     own = (run / "logs" / "console.log").read_text().splitlines()
@@ -49,6 +67,24 @@ def test_the_console_shows_the_runs_lines_once_and_a_summary(log: Path) -> None:
     assert CHATTER not in done.stdout + done.stderr
     assert CHATTER in (run / "logs" / "worker-0.log").read_text()
     assert "Started a local Ray instance" in (run / "logs" / "driver.log").read_text()
+
+
+DEMO_LINE_BUDGET = 60  # issue 17: `make demo` prints at most about 60 lines
+
+
+def test_the_demo_stays_under_its_line_budget_and_ends_with_the_held_out_auc(
+    log: Path, demo: dict
+) -> None:
+    """train, evaluate, export, predict as `make demo` runs them: every line on the console
+    counted (stderr too), the training summary table among them, and the held-out AUC of
+    the evaluation in the last command's lines."""
+    lines = [line for done in demo.values() for line in (done.stdout + done.stderr).splitlines()]
+    assert len(lines) <= DEMO_LINE_BUDGET, "\n".join(lines)
+    assert "train plain: done" in lines
+    assert not any("(raylet)" in line or "PYTHON worker processes" in line for line in lines)
+    report = json.loads(next((log / "runs" / "plain" / "eval").glob("*/report.json")).read_text())
+    predicted = demo["predict"].stdout.split()
+    assert predicted[predicted.index("auc") + 1] == f"{report['auc']:.4f}"
 
 
 def test_verbose_shows_the_libraries_and_json_is_for_machines(log: Path) -> None:
