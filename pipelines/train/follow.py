@@ -14,10 +14,11 @@ partition that was in training when the follower died trains on from the newest
 checkpoint, whose data position (`pipelines.train.resume`) skips the batches it holds. A
 trained partition whose files change afterwards stops the follower, naming the file.
 
-SIGINT and SIGTERM stop it once the partition in training is trained and checkpointed
-(and the newest checkpoint exported); a second signal stops it at once, and the next run
-resumes from the newest checkpoint. Training runs in a thread so that Ray Train, which
-takes over SIGINT only in the main thread, leaves the signals to the follower.
+SIGTERM stops it once the partition in training is trained and checkpointed (and the
+newest checkpoint exported), as does SIGINT (Ctrl-C) between partitions; a second signal
+stops it at once. While a partition trains, SIGINT is Ray Train's (`fit` takes it over):
+it aborts training at once, and the next follower trains that partition on from its
+newest checkpoint, whose data position skips the batches it holds.
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ class _Signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def take_back(self) -> None:
+        """Handle the signals again after Ray Train's `fit`, which takes SIGINT over."""
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.stop.is_set():
             raise KeyboardInterrupt
@@ -156,25 +162,6 @@ class _Signals:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _in_thread(work: Any, *args: Any, **kwargs: Any) -> Any:
-    """`work(*args, **kwargs)` in a thread while the main thread waits, able to take signals."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = work(*args, **kwargs)
-        except BaseException as err:  # handed to the waiting thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="recsys-train", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 class Follower:
@@ -297,8 +284,14 @@ class Follower:
             doc["data"]["train"] = str(self.root / name)
             doc["train"]["epochs"] = record["target_epochs"]
             part_cfg = ExperimentConfig.model_validate(doc)
-            result = _in_thread(train, part_cfg, self.address, True, folder=self.folder)
-            step = int(result["metrics"]["step"])
+            try:
+                train(part_cfg, self.address, True, folder=self.folder)
+            finally:
+                self.signals.take_back()
+            progress = self._progress()
+            if progress["epoch"] < record["target_epochs"]:
+                raise KeyboardInterrupt  # Ray Train aborted the fit (SIGINT while training)
+            step = int(progress["step"])
         trained = {k: v for k, v in record.items() if k != "start_step"}
         self.state.trained.append({**trained, "steps": [record["start_step"], step]})
         self.state.training = None
