@@ -188,7 +188,12 @@ class Follower:
     # ------------------------------------------------------------------ the loop
 
     def run(self, max_partitions: int | None, until: int | None) -> str:
-        """Train until stopped; returns why it stopped."""
+        """Train until stopped, then export what is not exported yet; returns why it stopped."""
+        stopped = self._loop(max_partitions, until)
+        self._export_if_due(final=True)
+        return stopped
+
+    def _loop(self, max_partitions: int | None, until: int | None) -> str:
         if self.state.training is not None:
             self._resume_interrupted()
         while True:
@@ -369,8 +374,7 @@ def follow(
         follower = Follower(cfg, folder, root, address, signals)
         stopped = follower.run(max_partitions, until)
         if signals.received is not None:
-            say(f"{signal.Signals(signals.received).name}: stopping after the partition in hand")
-        follower._export_if_due(final=True)
+            say(f"{signal.Signals(signals.received).name}: stopped after the partition in hand")
         state = follower.state
     return {
         "run_dir": str(run_dir),
