@@ -84,6 +84,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from pipelines.train.summary import train_table
 
     cfg = load_config(args.config, args.overrides)
+    if args.follow:
+        from pipelines.train.follow import event_time, follow
+
+        until = None if args.until is None else event_time(args.until)
+        result = follow(cfg, args.follow, args.address, args.resume, args.max_partitions, until)
+        _show(args, f"train --follow {args.follow}", result)
+        return
     summary = train(cfg, address=args.address, resume=args.resume)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -226,6 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="train a finished run further (an unfinished one resumes without it)",
+    )
+    online = p.add_argument_group("online training")
+    online.add_argument(
+        "--follow",
+        metavar="DIR",
+        help="train on DIR's Parquet partitions as they appear, in event-time order, "
+        "exporting every train.follow.export_every_s for `recsys serve --follow` "
+        "(stop with Ctrl-C or SIGTERM: the partition in training finishes first)",
+    )
+    online.add_argument(
+        "--max-partitions", type=int, metavar="N", help="--follow: stop after N partitions"
+    )
+    online.add_argument(
+        "--until",
+        metavar="TIME",
+        help="--follow: stop after a partition whose events reach TIME "
+        "(seconds since the epoch or an ISO date, UTC)",
     )
     p.set_defaults(func=_cmd_train)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -149,11 +150,16 @@ def _check_host_memory(cfg: ExperimentConfig, run_dir: Path) -> None:
 
 
 def train(
-    cfg: ExperimentConfig, address: str | None = None, resume: bool = False
+    cfg: ExperimentConfig,
+    address: str | None = None,
+    resume: bool = False,
+    folder: RunFolder | None = None,
 ) -> dict[str, Any]:
     """Train an experiment; returns the final metrics and where the run lives.
 
     An unfinished run of the same name resumes; a finished one only with `resume`.
+    `folder` is the run's folder when the caller holds it (locked and checked) across
+    several calls, as `pipelines.train.follow` does, one call per new partition.
     """
     use_gpu = cfg.train.device == "cuda" or (
         cfg.train.device == "auto" and torch.cuda.is_available()
@@ -170,7 +176,7 @@ def train(
             "start retraining with `recsys retrain CONF`"
         )
     started = time.perf_counter()
-    with RunFolder(run_dir, cfg, resume) as folder:
+    with RunFolder(run_dir, cfg, resume) if folder is None else nullcontext(folder) as folder:
         chatter_to(run_dir / LOGS_DIR / "driver.log")
         say(f"train {cfg.name}: {cfg.model.name}, {cfg.train.workers} worker(s), run {run_dir}")
         skipped = preflight(cfg)

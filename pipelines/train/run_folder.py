@@ -40,6 +40,7 @@ RESUMABLE_CHANGES = (
     "train.validate_every",
     "train.patience",
     "train.device",
+    "train.follow.*",
     "tables.*.capacity",
 )
 

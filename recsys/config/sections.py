@@ -205,6 +205,30 @@ class DataConfig(Strict):
         return self.valid is not None or self.split != "days" or self.valid_days > 0
 
 
+class FollowConfig(Strict):
+    """`recsys train --follow DIR`: train on the log's partitions as they appear.
+
+    A partition is a Parquet file directly in DIR or a folder holding Parquet files (a
+    Hive folder such as `day=2026-01-01/`, at any depth). It is taken once complete: at
+    once when it holds a `_SUCCESS` marker, otherwise when its files, sizes and
+    modification times are the same at two looks `poll_s` apart and every file's Parquet
+    footer reads (`require_marker` waits for the marker instead). Partitions train in
+    order of their events' timestamps, each for `train.epochs` passes.
+
+    Every `export_every_s` seconds (0: after each partition) the newest checkpoint is
+    exported as a subfolder of `export_dir`, the folder `recsys serve --follow` reads:
+    every `full_every`-th export in full, the others as deltas over the newest full one;
+    exports older than the newest `keep_full` full ones (and their deltas) are deleted.
+    """
+
+    poll_s: Annotated[float, Field(gt=0.0)] = 30.0
+    require_marker: bool = False
+    export_dir: str | None = None  # default: <run>/exports
+    export_every_s: Annotated[float, Field(ge=0.0)] = 600.0
+    full_every: PositiveInt = 10
+    keep_full: PositiveInt = 2
+
+
 class TrainConfig(Strict):
     workers: PositiveInt = 1
     batch_size: PositiveInt = 4096
@@ -242,6 +266,7 @@ class TrainConfig(Strict):
     keep_checkpoints: PositiveInt = 2  # the newest N checkpoints and the best; others go
     run_dir: str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    follow: FollowConfig = Field(default_factory=lambda: FollowConfig())
 
 
 class EvalConfig(Strict):
