@@ -307,8 +307,8 @@ def _write_frontier(points: list[dict[str, Any]], out: Path, title: str) -> None
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """AUC and logloss against bytes (log scale), one line per variant, error bars one
-    standard deviation over seeds.
+    """AUC and logloss against bytes (log scale), a line per budgeted variant and a star per
+    one-point variant, error bars one standard deviation over seeds.
 
     matplotlib's object API on the Agg canvas, as `recsys.metrics.plot_report`: no pyplot
     state, no display.
@@ -327,8 +327,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
                 xs,
                 [r[f"{key}_mean"] for r in mine],
                 yerr=[r[f"{key}_std"] for r in mine],
-                marker="*" if len(mine) == 1 else "o",
-                markersize=10 if len(mine) == 1 else 5,
+                marker="o" if VARIANTS[variant].budgeted else "*",
+                markersize=5 if VARIANTS[variant].budgeted else 10,
                 capsize=3,
                 label=variant,
             )
