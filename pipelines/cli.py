@@ -103,9 +103,12 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     budgets = [float(b) for b in args.budgets.split(",")]
-    variants = [v.strip() for v in args.variants.split(",")]
-    points = sweep(cfg, budgets, variants, args.out, address=args.address)
-    _show(args, f"sweep: {args.out}", {"points": points})
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    rows = sweep(
+        cfg, budgets, variants, args.out, args.address, seeds=seeds, min_count=args.min_count
+    )
+    _show(args, f"sweep: {args.out}", {"frontier": rows})
 
 
 def _cmd_optembed(args: argparse.Namespace) -> None:
@@ -254,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
-        "sweep", help="train table variants at parameter budgets; AUC/logloss frontier plot"
+        "sweep",
+        help="train table variants at parameter budgets and seeds; AUC/logloss frontier plot",
     )
     with_config(p)
     p.add_argument(
@@ -264,8 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--variants",
-        default="hash,multiplexed,qr,full",
-        help="table variants to train (default hash,multiplexed,qr,full; full trains once)",
+        help="table variants to train (default all: full,hash,multiplexed,qr,collisionless,"
+        "collisionless_filtered,optembed; those a budget does not size train once per seed)",
+    )
+    p.add_argument(
+        "--seeds", help="comma-separated train.seed values, one run each (default: the config's)"
+    )
+    p.add_argument(
+        "--min-count",
+        type=int,
+        default=2,
+        help="collisionless_filtered's frequency filter, sightings before an ID gets a row "
+        "(default 2)",
     )
     p.add_argument("--out", required=True, help="directory for runs, frontier.csv, frontier.png")
     p.add_argument("--address", help="Ray cluster address (default: as for train)")

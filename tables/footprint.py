@@ -16,6 +16,14 @@ _STATE_PER_ROW = {
 }
 
 
+ID_BYTES = 8  # an int64 entry of a vocabulary or ID map
+
+
+def row_bytes(rows: int, dim: int, optimizer: str) -> int:
+    """Bytes of `rows` float32 rows of `dim` and their optimizer state."""
+    return rows * (dim + _STATE_PER_ROW[optimizer](dim)) * 4
+
+
 def table_bytes(model: nn.Module, optimizer: str) -> dict[str, int]:
     """Bytes of each table's rows plus its optimizer state, by table name."""
     sizes = {}
@@ -27,8 +35,7 @@ def table_bytes(model: nn.Module, optimizer: str) -> dict[str, int]:
         else:
             continue
         for c in configs:
-            floats = c.embedding_dim + _STATE_PER_ROW[optimizer](c.embedding_dim)
-            sizes[c.name] = c.num_embeddings * floats * 4  # float32 rows and state
+            sizes[c.name] = row_bytes(c.num_embeddings, c.embedding_dim, optimizer)
     return sizes
 
 

@@ -20,8 +20,7 @@ from recsys.batch import BatchConverter
 from recsys.config import ConfigError, ExperimentConfig, config_from_dict
 from recsys.hashing import bucket, derive_salt
 from recsys.serving.model import ServingModel
-from recsys.synth import generate
-from tables.budget import budget_tables, full_parameters
+from tables.budget import VARIANTS, budget_tables, full_parameters
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
 from tables.sharding import combined_optimizer, shard_model
 from tests.helpers import (
@@ -197,9 +196,34 @@ def test_budget_tables_keep_the_entries_init() -> None:
             ],
         }
     ).tables
-    for variant in ("full", "hash", "qr", "multiplexed"):
+    for variant in VARIANTS:
         derived = budget_tables(tables, variant, 64 * 40, {"a": 50, "b": 60})
         assert {(t.init.distribution, t.init.bound) for t in derived} == {("uniform", 0.2)}
+
+
+def test_unbudgeted_variants_size_themselves_from_the_vocabulary() -> None:
+    tables = config_from_dict(
+        {
+            "name": "b",
+            "features": {"sparse": ["a", "b"]},
+            "tables": [{"features": ["a", "b"], "variant": "hash", "num_embeddings": 9}],
+        }
+    ).tables
+    rows = {"a": 1_000, "b": 60}
+    for variant, min_count in (("collisionless", 1), ("collisionless_filtered", 3)):
+        derived = budget_tables(tables, variant, 1, rows, workers=2, min_count=3)
+        assert [(t.features, t.min_count) for t in derived] == [
+            (["a"], min_count),
+            (["b"], min_count),
+        ]
+        # room for every vocabulary ID over the two workers, with CAPACITY_SLACK to spare
+        assert [t.capacity for t in derived] == [751, 64]
+    (compact,) = budget_tables(tables, "optembed", 1, rows)
+    assert (compact.variant, compact.storage_variant, compact.features) == (
+        "optembed",
+        "full",
+        ["a", "b"],
+    )
 
 
 # ------------------------------------------------------------------------------ sharding
@@ -268,43 +292,3 @@ def test_sharded_equals_unsharded(tmp_path: Path) -> None:
     out = tmp_path / "errors.json"
     spawn_ranks(_sharding_worker, WORLD, str(out))
     assert json.loads(out.read_text()) == []
-
-
-# ------------------------------------------------------------------------------ sweep
-
-
-def test_sweep_writes_the_frontier(repo: Path, tmp_path: Path) -> None:
-    import ray
-
-    from pipelines.sweep import sweep
-    from recsys.config import load_config
-
-    cfg = load_config(
-        repo / "conf" / "demo.yaml",
-        [
-            f"data.train={tmp_path / 'log'}",
-            "data.synthetic.days=2",
-            "train.workers=1",
-            "train.batch_size=512",
-            "model.dense_arch=[16]",
-            "model.over_arch=[16]",
-        ],
-    )
-    generate(cfg, rows=6_000, out=tmp_path / "log")
-    try:
-        points = sweep(cfg, [0.05], ["hash", "multiplexed", "qr", "full"], tmp_path / "s")
-    finally:
-        ray.shutdown()
-    assert [(p["variant"], p["budget"]) for p in points] == [
-        ("hash", 0.05),
-        ("multiplexed", 0.05),
-        ("qr", 0.05),
-        ("full", 1.0),
-    ]
-    full = points[-1]["parameters"]
-    for p in points[:-1]:
-        # qr rounds features of a one-row share up to its two rows
-        assert p["parameters"] <= 0.05 * full + 27 * 16, p
-        assert 0.4 < p["valid_auc"] < 1, p
-    assert (tmp_path / "s" / "frontier.png").stat().st_size > 10_000
-    assert len((tmp_path / "s" / "frontier.csv").read_text().splitlines()) == 5
