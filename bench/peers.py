@@ -42,9 +42,11 @@ ratio >= 1/1.1). Last line: `RESULT peers ratio=<worst model's engine / FuxiCTR 
 goal=>=2 met=yes|no overhead_<model>=...` (met: both goals for every model).
 
 Default size: 1,000,000 rows (714k training rows), vocabularies up to 10^7 (23M table rows,
-1.4 GiB of tables per system), 1 epoch, both models: about 25 minutes on 2 idle cores, most
-of it FuxiCTR and DCN-v2 (its 3 full-rank cross layers of width 429 cost about 5x DLRM's
-dense part); more rows would pass the 30-minute bound. `--quick`: 30,000 rows,
+1.4 GiB of tables per system), 1 epoch, both models: estimated at about 25 minutes on 2 idle
+cores from the quick runs' rates (not yet timed whole: the first default run, on a host
+shared at load 20-90, had finished one case of eight after 25 minutes), most of it
+FuxiCTR and DCN-v2 (its 3 full-rank cross layers of width 429 cost about 5x DLRM's dense
+part in the TorchRec loop); more rows would pass the 30-minute bound. `--quick`: 30,000 rows,
 vocabularies up to 10^4, DLRM, engine 1 worker and TorchRec only (FuxiCTR with `--peer`).
 """
 

@@ -26,7 +26,8 @@ embedding dim 16, one table per feature, fused row-wise Adagrad, batch 4096).
 Goal (the one property the design claims here): examples/s at the largest log within 20%
 of the smallest (`ratio` = largest / smallest >= 0.8). Last line: `RESULT scaling
 ratio=<x> goal=>=0.8 met=yes|no ...`. Writes `<out>/scaling.json` and `<out>/scaling.png`
-(default out: <bench cache>/scaling). Default: about 10 minutes on 2 idle cores; `--quick`:
+(default out: <bench cache>/scaling). Default: estimated at about 10 minutes on 2 idle cores
+(not yet timed whole: the first default run met a host shared at load 20-90); `--quick`:
 logs of 3x10^4 and 6x10^4 rows, 1 worker, tables of 10^4 and 10^5 rows, under a minute
 of training (plus Ray's start-up).
 """
