@@ -53,6 +53,7 @@ from typing import Any
 
 import peers
 from real_logs import (
+    MOVIELENS_SPARSE,
     EngineRun,
     TimeSplit,
     TreeMemory,
@@ -60,6 +61,7 @@ from real_logs import (
     engine_runs,
     fresh_split,
     load_avg,
+    movielens_ctr_sections,
     run_line,
     spread,
     table,
@@ -67,7 +69,6 @@ from real_logs import (
 
 from recsys.config import ExperimentConfig
 
-SPARSE = ["user_id", "item_id", "age_bucket", "gender", "occupation", "zip_prefix"]
 EMBEDDING_DIM = 16  # BARS uses 10; the engine refuses widths that are not multiples of 4
 # FuxiCTR's default embedding_initializer, partial(nn.init.normal_, std=1e-4)
 EMBEDDING_INIT = {"distribution": "normal", "std": 1e-4}
@@ -135,31 +136,7 @@ def engine_config(
             # a full shuffle every epoch, as FuxiCTR's loader does
             "shuffle_buffer": split.rows["train"],
         },
-        "features": {
-            "label": "label",
-            "user_id": "user_id",
-            "timestamp": "timestamp",
-            "sparse": [
-                *SPARSE,
-                {"name": "release_year", "allow_null": True},
-                {"name": "genres", "multi_valued": True},
-            ],
-        },
-        "tables": [
-            {
-                "features": [*SPARSE, "release_year"],
-                "variant": "full",
-                "embedding_dim": EMBEDDING_DIM,
-                "init": EMBEDDING_INIT,
-            },
-            {
-                "features": ["genres"],
-                "variant": "full",
-                "embedding_dim": EMBEDDING_DIM,
-                "init": EMBEDDING_INIT,
-                "pooling": "mean",
-            },
-        ],
+        **movielens_ctr_sections(EMBEDDING_DIM, EMBEDDING_INIT),
         "model": {
             **MODELS[model]["engine"],
             "over_arch": RECIPE["hidden_units"],
@@ -195,7 +172,7 @@ def fuxictr_job(model: str, seed: int, split: TimeSplit, epochs: int) -> dict[st
         "test": str(split.files["test"]),
         "label": "label",
         "features": [
-            *({"name": c, "type": "categorical"} for c in [*SPARSE, "release_year"]),
+            *({"name": c, "type": "categorical"} for c in [*MOVIELENS_SPARSE, "release_year"]),
             {"name": "genres", "type": "sequence"},
         ],
         "model": model,

@@ -35,6 +35,30 @@ REPO = Path(__file__).resolve().parents[1]
 RECSYS = Path(sys.executable).with_name("recsys")
 
 
+MOVIELENS_SPARSE = ["user_id", "item_id", "age_bucket", "gender", "occupation", "zip_prefix"]
+
+
+def movielens_ctr_sections(dim: int, init: dict[str, Any]) -> dict[str, Any]:
+    """The `features` and `tables` sections of an experiment on MovieLens CTR (the
+    converter's columns): per-feature full tables, genres mean-pooled."""
+    return {
+        "features": {
+            "label": "label",
+            "user_id": "user_id",
+            "timestamp": "timestamp",
+            "sparse": [
+                *MOVIELENS_SPARSE,
+                {"name": "release_year", "allow_null": True},
+                {"name": "genres", "multi_valued": True},
+            ],
+        },
+        "tables": [
+            {"features": [*MOVIELENS_SPARSE, "release_year"], "embedding_dim": dim, "init": init},
+            {"features": ["genres"], "embedding_dim": dim, "init": init, "pooling": "mean"},
+        ],
+    }
+
+
 def bench_cache() -> Path:
     """The benches' cache root, as for the peer venv: $RECSYS_BENCH_CACHE or
     ~/.cache/recsys-bench."""

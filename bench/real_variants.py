@@ -52,13 +52,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from real_logs import bench_cache, load_avg, movielens_log, table, time_split
+from real_logs import (
+    bench_cache,
+    load_avg,
+    movielens_ctr_sections,
+    movielens_log,
+    table,
+    time_split,
+)
 
 from pipelines.sweep import POINTS_DIR, sweep
 from recsys.config import ExperimentConfig, config_from_dict
 from tables.budget import VARIANTS
 
-SPARSE = ["user_id", "item_id", "age_bucket", "gender", "occupation", "zip_prefix"]
 EMBEDDING_DIM = 16
 EPOCHS, PATIENCE = 8, 1
 SEARCH_ROUNDS = 8
@@ -83,25 +89,7 @@ def experiment(model: str, split: dict[str, Path], rows: int, args: argparse.Nam
             "test": str(split["test"]),
             "shuffle_buffer": rows,  # a full shuffle every epoch
         },
-        "features": {
-            "label": "label",
-            "user_id": "user_id",
-            "timestamp": "timestamp",
-            "sparse": [
-                *SPARSE,
-                {"name": "release_year", "allow_null": True},
-                {"name": "genres", "multi_valued": True},
-            ],
-        },
-        "tables": [
-            {"features": [*SPARSE, "release_year"], "embedding_dim": EMBEDDING_DIM, "init": init},
-            {
-                "features": ["genres"],
-                "embedding_dim": EMBEDDING_DIM,
-                "init": init,
-                "pooling": "mean",
-            },
-        ],
+        **movielens_ctr_sections(EMBEDDING_DIM, init),
         "model": {**MODELS[model], "over_arch": [400, 400, 400], "batch_norm": True},
         "train": {
             "workers": 1,

@@ -18,6 +18,7 @@ from pipelines.train.checkpoint import (
     load_model_weights,
 )
 from recsys.config import ExperimentConfig, load_config
+from tables.footprint import table_bytes
 from tables.optembed.embeddings import OptEmbedEmbeddings
 from tables.pooled import PooledEmbeddings, make_transforms, table_specs
 from tables.sequence import ATTENTION, REPRESENTATION, build_sequence_embeddings
@@ -118,6 +119,19 @@ def _optembed_embeddings(
         dims = [o.dims[f] for f in sparse.feature_names]  # type: ignore[index]
         sparse.use_retrain(dims, {f: torch.from_numpy(keep[f]) for f in sparse.feature_names})
     return sparse
+
+
+def planned_table_bytes(cfg: ExperimentConfig, run_dir: Path) -> dict[str, int]:
+    """Bytes of each table's rows and optimizer state for the run in `run_dir` (its
+    vocabularies and row masks), over all workers; the tables are built on the meta
+    device, so nothing is allocated."""
+    model = build_model(
+        cfg,
+        load_vocabularies(run_dir),
+        table_device=torch.device("meta"),
+        keep=load_keep_masks(run_dir),
+    )
+    return table_bytes(model, cfg.train.sparse_optimizer)
 
 
 def run_checkpoint(run: Path, newest: bool = False) -> Path:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.build import load_keep_masks, load_vocabularies
 from pipelines.train.curve import CURVE_FILE
 from pipelines.train.meter import METRICS_FILE
 from recsys.config import load_config
@@ -185,19 +184,10 @@ def _evaluation(run: Path, folder: Path | None, shown: set[Path]) -> str:
 def _tables(run: Path) -> str:
     """Bytes of each table's rows and optimizer state, from the config and vocabularies
     (tables built on the meta device, so nothing is allocated)."""
-    import torch
-
-    from pipelines.build import build_model
-    from tables.footprint import table_bytes
+    from pipelines.build import planned_table_bytes
 
     cfg = load_config(run / "config.yaml")
-    model = build_model(
-        cfg,
-        load_vocabularies(run),
-        table_device=torch.device("meta"),
-        keep=load_keep_masks(run),
-    )
-    sizes = table_bytes(model, cfg.train.sparse_optimizer)
+    sizes = planned_table_bytes(cfg, run)
     rows = [{"table": name, "bytes": n} for name, n in sorted(sizes.items())]
     rows.append({"table": "total", "bytes": sum(sizes.values())})
     note = (

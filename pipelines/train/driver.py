@@ -26,9 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipelines.build import (
     KEEP_FILE,
     VOCAB_FILE,
-    build_model,
-    load_keep_masks,
-    load_vocabularies,
+    planned_table_bytes,
     run_checkpoint,
     save_vocabularies,
 )
@@ -50,7 +48,7 @@ from pipelines.train.worker import train_worker
 from recsys.config import ConfigError, ExperimentConfig
 from recsys.contract import BadRowCounts
 from recsys.logs import read_validated
-from tables.footprint import check_fits, table_bytes
+from tables.footprint import check_fits
 from tables.vocab import build_vocabularies
 
 
@@ -136,13 +134,7 @@ RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's n
 def _check_host_memory(cfg: ExperimentConfig, run_dir: Path) -> None:
     """Refuse, before Ray starts, tables that this host cannot hold (the workers of a
     local run share it), with the sizes; the planner is told the same memory per rank."""
-    model = build_model(
-        cfg,
-        load_vocabularies(run_dir),
-        table_device=torch.device("meta"),
-        keep=load_keep_masks(run_dir),
-    )
-    sizes = table_bytes(model, cfg.train.sparse_optimizer)
+    sizes = planned_table_bytes(cfg, run_dir)
     try:
         check_fits(sizes, psutil.virtual_memory().available, "this host")
     except MemoryError as err:
