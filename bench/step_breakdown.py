@@ -20,11 +20,12 @@ per second against `index_select` of the same rows from a tensor of the table's 
 against a `clone` of as many bytes (memory bandwidth); the dense part against a bare
 `nn.Sequential` (Linear + ReLU) forward/backward of the same bottom and top MLP shapes.
 torchrec's `TrainPipelineSparseDist` is tried on the same model and batches; where it
-cannot run, the error is printed. Each figure is the median over blocks of `log_every`
-steps (so each block holds one metrics snapshot), 1 intra-op thread.
+cannot run, the error is printed. One worker only (no two-worker run yet). Each figure
+is the median over blocks of `log_every` steps (so each block holds one metrics
+snapshot), 1 intra-op thread.
 
-    python bench/step_breakdown.py           # 100k-row log, 15 blocks; ~2 minutes
-    python bench/step_breakdown.py --quick   # 20k-row log, 4 blocks; under a minute
+    python bench/step_breakdown.py           # 100k-row log, 15 blocks; ~1 minute
+    python bench/step_breakdown.py --quick   # 20k-row log, 4 blocks; ~30 seconds
 
 Goal (issue 20): a step at most 1.2x the sum of its parts measured alone.
 Last line: `RESULT step_breakdown ratio=<step/sum of parts> goal=1.2 met=yes|no ...`.
